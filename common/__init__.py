@@ -1,0 +1,1 @@
+"""Pieces every dvd-serve component shares: config base class, error shape, checkpoint formats, torch quirks."""

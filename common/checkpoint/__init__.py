@@ -1,0 +1,1 @@
+"""InternVL3.5 checkpoint formats: reading either layout, and generating random-weight checkpoints."""

@@ -1,0 +1,1 @@
+"""Load generation (locust, in its own process) and exact latency statistics."""

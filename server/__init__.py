@@ -1,0 +1,1 @@
+"""OpenAI-compatible gateway (FastAPI) and the `dvd-serve` command line."""

@@ -1,0 +1,1 @@
+"""Vision service: image fetch/decode, InternVL dynamic tiling, InternViT encoding, ViR routing, projectors."""
