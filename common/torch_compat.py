@@ -27,6 +27,9 @@ def ensure_torchvision_importable() -> None:
     global _library_handle
     if "torchvision" in sys.modules or _library_handle is not None:
         return
+    from dvd_serve.common import torchvision_import_hook
+
+    torchvision_import_hook.uninstall()  # this call does the hook's job; the find_spec below must not re-enter
     import torch
 
     if hasattr(torch.ops, "torchvision") and _has_operator("nms"):

@@ -1,0 +1,187 @@
+"""The language-only vLLM engine: prompts with one placeholder per image, embeddings instead of pixels.
+
+vLLM is started with `enable_mm_embeds=True` and an image limit of 0, so it loads no vision tower or projector
+and accepts each image as a ready `[tokens, llm_hidden]` tensor; it expands every placeholder in the prompt to
+`<img>` + tokens x `<IMG_CONTEXT>` + `</img>` from the tensor's length. Flash checkpoints go through the plugin
+model class (see `vllm_plugin`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Sequence
+from typing import Literal
+
+import torch
+from pydantic import Field
+
+from dvd_serve.common.checkpoint.spec import CheckpointSpec
+from dvd_serve.common.config import FrozenConfig
+from dvd_serve.common.errors import InvalidRequestError, UnavailableError
+from dvd_serve.common.chat import GenerationDelta, SamplingConfig
+from dvd_serve.lm_worker.vllm_plugin import flash_engine_overrides, register
+
+logger = logging.getLogger(__name__)
+
+
+class LanguageEngineConfig(FrozenConfig):
+    """How the language worker runs vLLM. One per language replica."""
+
+    model: str = Field(description="Checkpoint folder (either format, Flash included).")
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
+        default="auto", description="Weights and activations dtype; auto = bfloat16 on GPU, float32 on CPU."
+    )
+    max_model_len: int = Field(default=4096, ge=256, description="Context length (visual + text + output tokens).")
+    max_num_seqs: int = Field(default=64, ge=1, description="Requests decoded together.")
+    max_images_per_request: int = Field(default=16, ge=1, description="Images one prompt may carry.")
+    gpu_memory_utilization: float = Field(
+        default=0.9, gt=0.0, le=1.0, description="Share of GPU memory vLLM may take (ignored on CPU)."
+    )
+    enforce_eager: bool | None = Field(
+        default=None, description="Disable CUDA graphs / compilation; None = eager on CPU, graphs on GPU."
+    )
+    enable_prefix_caching: bool = Field(default=True, description="Reuse KV of shared prompt prefixes.")
+    seed: int = Field(default=0, description="Engine-level seed.")
+
+
+def resolve_dtype(dtype: str) -> str:
+    if dtype != "auto":
+        return dtype
+    return "bfloat16" if torch.cuda.is_available() else "float32"
+
+
+def build_engine_args(config: LanguageEngineConfig, spec: CheckpointSpec):
+    """vLLM engine arguments for a language-only engine over `config.model`."""
+    from vllm.engine.arg_utils import AsyncEngineArgs
+
+    on_gpu = torch.cuda.is_available()
+    enforce_eager = (not on_gpu) if config.enforce_eager is None else config.enforce_eager
+    return AsyncEngineArgs(
+        model=config.model,
+        trust_remote_code=spec.fmt == "chat",
+        dtype=resolve_dtype(config.dtype),
+        max_model_len=config.max_model_len,
+        max_num_seqs=config.max_num_seqs,
+        enforce_eager=enforce_eager,
+        enable_prefix_caching=config.enable_prefix_caching,
+        seed=config.seed,
+        gpu_memory_utilization=config.gpu_memory_utilization,
+        limit_mm_per_prompt={"image": 0, "video": 0},
+        enable_mm_embeds=True,
+        hf_overrides=flash_engine_overrides() if spec.flash else {},
+        distributed_executor_backend=None if on_gpu else "uni",
+    )
+
+
+class LanguageEngine:
+    """A started vLLM `AsyncLLM` over one checkpoint, language model only."""
+
+    def __init__(self, config: LanguageEngineConfig, spec: CheckpointSpec, engine) -> None:
+        self.config = config
+        self.spec = spec
+        self._engine = engine
+
+    @classmethod
+    def start(cls, config: LanguageEngineConfig) -> "LanguageEngine":
+        register()
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        spec = CheckpointSpec.from_dir(config.model)
+        engine = AsyncLLM.from_engine_args(build_engine_args(config, spec))
+        return cls(config, spec, engine)
+
+    @property
+    def tokenizer(self):
+        return self._engine.get_tokenizer()
+
+    async def generate(
+        self,
+        request_id: str,
+        prompt: str,
+        images: Sequence[torch.Tensor],
+        sampling: SamplingConfig,
+    ) -> AsyncIterator[GenerationDelta]:
+        """Stream the answer to `prompt`, whose placeholders are filled by `images` in order."""
+        self._check_images(prompt, images)
+        engine_prompt: dict = {"prompt": prompt}
+        if images:
+            engine_prompt["multi_modal_data"] = {"image": [image.to(self._engine_dtype()) for image in images]}
+        params = to_vllm_sampling_params(sampling)
+        first = True
+        try:
+            async for output in self._engine.generate(engine_prompt, params, request_id):
+                completion = output.outputs[0]
+                delta = GenerationDelta(
+                    token_ids=list(completion.token_ids),
+                    text=completion.text,
+                    finish_reason=completion.finish_reason,
+                    prompt_token_count=len(output.prompt_token_ids or ()) if first else None,
+                    logprobs=_plain_logprobs(completion.logprobs),
+                )
+                first = False
+                yield delta
+        except asyncio.CancelledError:
+            await self.abort(request_id)
+            raise
+        except ValueError as error:
+            # vLLM rejects a prompt it cannot fit (context length, placeholder mismatch) with ValueError.
+            logger.info("request %s rejected by the engine: %s", request_id, error)
+            raise InvalidRequestError(
+                "The request does not fit the model (context length or image placeholders).",
+                code="engine_rejected_prompt",
+            ) from error
+        except Exception as error:
+            if self._engine.errored:
+                raise UnavailableError("The language engine stopped.", code="engine_dead") from error
+            raise
+
+    async def abort(self, request_id: str) -> None:
+        await self._engine.abort(request_id)
+
+    async def check_health(self) -> None:
+        """Raises when the engine is dead."""
+        await self._engine.check_health()
+
+    @property
+    def is_dead(self) -> bool:
+        return bool(self._engine.errored)
+
+    def shutdown(self) -> None:
+        self._engine.shutdown()
+
+    def _engine_dtype(self) -> torch.dtype:
+        return self._engine.model_config.dtype
+
+    def _check_images(self, prompt: str, images: Sequence[torch.Tensor]) -> None:
+        if len(images) > self.config.max_images_per_request:
+            raise InvalidRequestError("Too many images in one request.", code="too_many_images")
+        if prompt.count(self.spec.image_placeholder) != len(images):
+            raise InvalidRequestError(
+                "The prompt's image placeholders do not match the images sent.", code="placeholder_mismatch"
+            )
+        for image in images:
+            if image.dim() != 2 or image.shape[1] != self.spec.llm_hidden or image.shape[0] == 0:
+                raise InvalidRequestError("Image embeddings have the wrong shape.", code="bad_embedding_shape")
+
+
+def to_vllm_sampling_params(config: SamplingConfig):
+    from vllm import SamplingParams
+    from vllm.sampling_params import RequestOutputKind
+
+    return SamplingParams(
+        max_tokens=config.max_tokens,
+        temperature=config.temperature,
+        top_p=config.top_p,
+        seed=config.seed,
+        stop=list(config.stop) or None,
+        logprobs=config.logprobs,
+        ignore_eos=config.ignore_eos,
+        output_kind=RequestOutputKind.DELTA,
+    )
+
+
+def _plain_logprobs(logprobs) -> list[dict[int, float]] | None:
+    if logprobs is None:
+        return None
+    return [{token: entry.logprob for token, entry in position.items()} for position in logprobs]

@@ -1,0 +1,133 @@
+"""LanguageWorker: the language engine, the embedding sink it reads from, and the watchdog that ends the process.
+
+A request arrives twice: its images as gRPC pushes from vision replicas (into the `EmbeddingStore`), and its chat
+via `generate`. `generate` waits for all of the request's images, renders the prompt, then streams tokens.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from collections.abc import AsyncIterator, Callable
+
+from pydantic import Field
+
+from dvd_serve.common.chat import ChatJob, GenerationDelta, StageTimings
+from dvd_serve.common.config import FrozenConfig
+from dvd_serve.lm_worker.embedding_receiver import start_embedding_server
+from dvd_serve.lm_worker.embedding_store import EmbeddingStore
+from dvd_serve.lm_worker.embedding_validation import EmbeddingLimits
+from dvd_serve.lm_worker.engine import LanguageEngine, LanguageEngineConfig
+from dvd_serve.lm_worker.prompt import render_prompt
+
+logger = logging.getLogger(__name__)
+
+
+class LanguageWorkerConfig(FrozenConfig):
+    """One language replica: its engine and its embedding sink."""
+
+    engine: LanguageEngineConfig = Field(description="The vLLM engine settings.")
+    grpc_host: str = Field(default="127.0.0.1", description="Address the embedding sink binds (cluster network only).")
+    grpc_port: int = Field(default=0, ge=0, le=65535, description="Embedding sink port; 0 picks a free one.")
+    grpc_auth_token: str | None = Field(default=None, description="Shared token vision replicas must present.")
+    store_budget_bytes: int = Field(
+        default=2 * 1024**3, ge=1, description="Bytes of received embeddings held at once before pushes are refused."
+    )
+    store_ttl_s: float = Field(default=60.0, gt=0, description="Embeddings no request claimed are dropped after this.")
+    embeddings_wait_s: float = Field(
+        default=60.0, gt=0, description="How long a request waits for its images to arrive before it fails."
+    )
+    watchdog_interval_s: float = Field(default=1.0, gt=0, description="How often engine liveness is checked.")
+
+
+class LanguageWorker:
+    def __init__(self, config: LanguageWorkerConfig, engine: LanguageEngine, store: EmbeddingStore) -> None:
+        self.config = config
+        self.engine = engine
+        self.store = store
+        self._server = None
+        self.grpc_port: int | None = None
+        self._watchdog: asyncio.Task | None = None
+
+    @classmethod
+    async def start(
+        cls, config: LanguageWorkerConfig, on_engine_death: Callable[[], None] | None = None
+    ) -> "LanguageWorker":
+        engine = LanguageEngine.start(config.engine)
+        store = EmbeddingStore(config.store_budget_bytes, config.store_ttl_s)
+        worker = cls(config, engine, store)
+        limits = EmbeddingLimits(llm_hidden_size=engine.spec.llm_hidden)
+        worker._server, worker.grpc_port = await start_embedding_server(
+            store,
+            limits,
+            info_provider=worker.info,
+            health_provider=lambda: not engine.is_dead,
+            host=config.grpc_host,
+            port=config.grpc_port,
+            auth_token=config.grpc_auth_token,
+        )
+        worker._watchdog = asyncio.create_task(worker._watch_engine(on_engine_death or _exit_process))
+        return worker
+
+    @property
+    def grpc_address(self) -> str:
+        return f"{self.config.grpc_host}:{self.grpc_port}"
+
+    def info(self) -> dict:
+        spec = self.engine.spec
+        return {
+            "model_id": spec.model_id,
+            "llm_hidden_size": spec.llm_hidden,
+            "max_model_len": self.config.engine.max_model_len,
+            "max_images_per_request": self.config.engine.max_images_per_request,
+        }
+
+    async def generate(self, job: ChatJob, expected_images: int) -> AsyncIterator[GenerationDelta]:
+        """Stream the answer to `job` once its `expected_images` embeddings have arrived."""
+        started = time.monotonic()
+        try:
+            received = await self.store.take(job.request_id, expected_images, timeout=self.config.embeddings_wait_s)
+            prompt = render_prompt(self.engine.tokenizer, job.messages, self.engine.spec)
+            images = [item.embeddings for item in received]
+        except BaseException:
+            self.store.cancel(job.request_id)
+            raise
+        waited = time.monotonic() - started
+        first_token_at: float | None = None
+        async for delta in self.engine.generate(job.request_id, prompt, images, job.sampling):
+            now = time.monotonic()
+            if first_token_at is None:
+                first_token_at = now
+                delta.timings = StageTimings(
+                    queue_s=now - started - waited,
+                    visual_tokens=sum(image.shape[0] for image in images),
+                    embedding_bytes=sum(image.numel() * image.element_size() for image in images),
+                )
+            if delta.finish_reason is not None:
+                delta.timings = StageTimings(inference_s=now - first_token_at)
+            yield delta
+
+    async def cancel(self, request_id: str) -> None:
+        self.store.cancel(request_id)
+        await self.engine.abort(request_id)
+
+    async def stop(self) -> None:
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+        if self._server is not None:
+            await self._server.stop(grace=1.0)
+        self.engine.shutdown()
+
+    async def _watch_engine(self, on_death: Callable[[], None]) -> None:
+        while True:
+            await asyncio.sleep(self.config.watchdog_interval_s)
+            if self.engine.is_dead:
+                logger.error("language engine died; exiting so the orchestrator replaces this replica")
+                on_death()
+                return
+
+
+def _exit_process() -> None:
+    os._exit(1)

@@ -1,0 +1,261 @@
+"""VisionEncoder: tiles of many images in one batch -> per-image LLM-width embeddings and tokens per tile.
+
+For a Flash checkpoint the ViT runs once per tile, the router picks 256 or 64 tokens per tile, and only the
+projector each tile needs runs (the reference computes both for every tile).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+from pydantic import Field
+
+from dvd_serve.common.chat import Detail
+from dvd_serve.common.checkpoint.spec import CheckpointSpec
+from dvd_serve.common.config import FrozenConfig
+from dvd_serve.vision_worker.projector import make_mlp1, make_mlp2, shuffle_to_tokens
+from dvd_serve.vision_worker.vision_weights import load_vision_tensors
+from dvd_serve.vision_worker.vit import InternViT, VitConfig
+
+TOKENS_FULL = 256
+TOKENS_COMPRESSED = 64
+
+
+class VisionEncoderConfig(FrozenConfig):
+    """How a vision replica loads and runs the vision side of a checkpoint."""
+
+    model: str = Field(description="Checkpoint folder (either format, Flash included).")
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
+        default="auto", description="Compute dtype; auto = bfloat16 on GPU, float32 on CPU."
+    )
+    device: str = Field(default="auto", description="torch device; auto = cuda if available, else cpu.")
+    max_tiles_per_forward: int = Field(
+        default=64, ge=1, description="Tiles per ViT forward; larger batches are split to bound activation memory."
+    )
+    router_relative_threshold: float | None = Field(
+        default=None, ge=0.0, le=1.0,
+        description="Override of the checkpoint's flash_relative_threshold (quantile level of p0 per request).",
+    )
+    router_absolute_threshold: float | None = Field(
+        default=None, ge=0.0, le=1.0,
+        description="Override of the checkpoint's flash_absolute_threshold (least p0 of a compressed tile).",
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class EncodeRequest:
+    """The images of one client request; routing decisions are taken over its tiles only."""
+
+    images: Sequence[torch.Tensor]  # each [tiles, 3, 448, 448]
+    details: Sequence[Detail]  # one per image
+
+
+@dataclass(frozen=True, slots=True)
+class EncodedImage:
+    """One image's visual tokens, ready for the language model."""
+
+    embeddings: torch.Tensor  # [tokens, llm_hidden]
+    tokens_per_tile: tuple[int, ...]
+
+
+def _resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def _resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return getattr(torch, dtype)
+
+
+def vit_config_from_spec(spec: CheckpointSpec) -> VitConfig:
+    return VitConfig(
+        hidden_size=spec.vit_hidden,
+        num_layers=spec.vit_layers,
+        num_heads=spec.vit_heads,
+        intermediate_size=spec.vit_intermediate,
+        image_size=spec.image_size,
+        patch_size=spec.patch_size,
+        qkv_bias=spec.vit_qkv_bias,
+        qk_norm=spec.vit_qk_norm,
+        norm_type=spec.vit_norm_type,
+        layer_norm_eps=spec.vit_layer_norm_eps,
+    )
+
+
+class VisionEncoder:
+    """The vision side of one checkpoint: ViT, mlp1, and for Flash checkpoints mlp2 and the router."""
+
+    def __init__(self, spec: CheckpointSpec, tensors: dict[str, torch.Tensor], device: torch.device,
+                 dtype: torch.dtype, max_tiles_per_forward: int = 64,
+                 relative_threshold: float | None = None, absolute_threshold: float | None = None) -> None:
+        self.spec = spec
+        self.device = device
+        self.dtype = dtype
+        self.max_tiles_per_forward = max_tiles_per_forward
+        self.vit = InternViT(vit_config_from_spec(spec))
+        self.vit.load_state_dict(_with_prefix(tensors, ("embeddings.", "encoder.")), strict=True)
+        llm_hidden = spec.llm_hidden
+        self.mlp1 = make_mlp1(spec.vit_hidden * 4, llm_hidden)
+        self.mlp1.load_state_dict(_strip_prefix(tensors, "mlp1."), strict=True)
+        self.mlp2 = None
+        self.router = None
+        if spec.flash:
+            from dvd_serve.router.vir import VisualResolutionRouter
+
+            self.mlp2 = make_mlp2(spec.vit_hidden * 16, llm_hidden)
+            self.mlp2.load_state_dict(_strip_prefix(tensors, "mlp2."), strict=True)
+            from dvd_serve.router.config import RouterConfig
+
+            router_config = RouterConfig(
+                vit_hidden_size=spec.vit_hidden,
+                relative_threshold=_first_set(relative_threshold, spec.flash_relative_threshold),
+                absolute_threshold=_first_set(absolute_threshold, spec.flash_absolute_threshold),
+            )
+            router_tensors = _with_prefix(tensors, ("pooling_before_gating.", "gating."))
+            self.router = VisualResolutionRouter.from_state_dict(router_tensors, router_config)
+        for module in (self.vit, self.mlp1, self.mlp2, self.router):
+            if module is not None:
+                module.to(device=device, dtype=dtype).eval()
+
+    @classmethod
+    def from_config(cls, config: VisionEncoderConfig) -> "VisionEncoder":
+        spec = CheckpointSpec.from_dir(config.model)
+        device = _resolve_device(config.device)
+        dtype = _resolve_dtype(config.dtype, device)
+        tensors = load_vision_tensors(Path(config.model), spec, dtype=dtype)
+        return cls(
+            spec, tensors, device, dtype, config.max_tiles_per_forward,
+            config.router_relative_threshold, config.router_absolute_threshold,
+        )
+
+    @torch.inference_mode()
+    def vit_features(self, tiles: torch.Tensor) -> torch.Tensor:
+        """tiles: [tiles, 3, 448, 448] -> patch tokens [tiles, 1024, vit], in micro-batches."""
+        chunks = tiles.split(self.max_tiles_per_forward)
+        return torch.cat([
+            self.vit(chunk.to(self.device, self.dtype, non_blocking=True), self.spec.select_layer) for chunk in chunks
+        ])
+
+    @torch.inference_mode()
+    def encode(
+        self,
+        images: Sequence[torch.Tensor],
+        compress: Sequence[torch.Tensor] | None = None,
+    ) -> list[EncodedImage]:
+        """Encode a batch of images (each `[tiles, 3, 448, 448]`) in one pass.
+
+        `compress[i]` is a bool tensor `[tiles_i]` (True = 64 tokens) decided by the caller, or None for all
+        tiles at 256. Routing decisions are made with `route(...)` on `vit_features` when a router is present;
+        `encode_routed` does both for one request.
+        """
+        features = self.vit_features(torch.cat(list(images)))
+        flags = (
+            torch.cat([c.to(torch.bool).cpu() for c in compress])
+            if compress is not None
+            else torch.zeros(features.shape[0], dtype=torch.bool)
+        )
+        return self.project(features, flags, [image.shape[0] for image in images])
+
+    @torch.inference_mode()
+    def encode_requests(self, requests: Sequence[EncodeRequest]) -> list[list[EncodedImage]]:
+        """Encode the images of several requests in one ViT pass; route each request's tiles on their own."""
+        images = [image for request in requests for image in request.images]
+        tiles_per_image = [image.shape[0] for image in images]
+        features = self.vit_features(torch.cat(images))
+        compress = self.route(features, requests)
+        encoded = self.project(features, compress, tiles_per_image)
+        out: list[list[EncodedImage]] = []
+        start = 0
+        for request in requests:
+            out.append(encoded[start:start + len(request.images)])
+            start += len(request.images)
+        return out
+
+    def route(self, features: torch.Tensor, requests: Sequence[EncodeRequest]) -> torch.Tensor:
+        """features: [tiles, 1024, vit] of `requests` laid end to end -> bool [tiles], True = 64 tokens.
+
+        `high` images keep 256 tokens, `low` images get 64 (Flash), `auto` images are routed by the ViR rule with
+        the quantile taken over the `auto` tiles of their own request.
+        """
+        compress = torch.zeros(features.shape[0], dtype=torch.bool)
+        if self.router is None:
+            return compress
+        from dvd_serve.router.decision import decide_compression
+
+        auto_segments: list[torch.Tensor] = []  # per request: tile indices routed by the rule
+        start = 0
+        for request in requests:
+            auto: list[int] = []
+            for image, detail in zip(request.images, request.details, strict=True):
+                count = image.shape[0]
+                if detail is Detail.LOW:
+                    compress[start:start + count] = True
+                elif detail is Detail.AUTO:
+                    auto.extend(range(start, start + count))
+                start += count
+            auto_segments.append(torch.tensor(auto, dtype=torch.long))
+        auto_all = torch.cat(auto_segments)
+        if auto_all.numel() == 0:
+            return compress
+        p0 = self.router.compress_probability(features[auto_all.to(features.device)]).cpu()  # [auto tiles]
+        offset = 0
+        config = self.router.config
+        for segment in auto_segments:
+            count = segment.numel()
+            if count:
+                decided = decide_compression(
+                    p0[offset:offset + count], config.relative_threshold, config.absolute_threshold
+                )
+                compress[segment] = decided
+            offset += count
+        return compress
+
+    @torch.inference_mode()
+    def project(self, features: torch.Tensor, compress: torch.Tensor, tiles_per_image: Sequence[int]) -> list[EncodedImage]:
+        """features: [tiles, 1024, vit], compress: bool [tiles] -> per-image embeddings in tile order."""
+        if bool(compress.any()) and self.mlp2 is None:
+            raise ValueError("this checkpoint has no 64-token projector (not a Flash checkpoint)")
+        full_idx = (~compress).nonzero().flatten().to(features.device)
+        small_idx = compress.nonzero().flatten().to(features.device)
+        per_tile: list[torch.Tensor | None] = [None] * features.shape[0]
+        if full_idx.numel():
+            full = self.mlp1(shuffle_to_tokens(features[full_idx], 0.5))  # [n, 256, llm]
+            for position, tile in enumerate(full_idx.tolist()):
+                per_tile[tile] = full[position]
+        if small_idx.numel():
+            small = self.mlp2(shuffle_to_tokens(features[small_idx], 0.25))  # [n, 64, llm]
+            for position, tile in enumerate(small_idx.tolist()):
+                per_tile[tile] = small[position]
+        results: list[EncodedImage] = []
+        start = 0
+        for count in tiles_per_image:
+            tiles = per_tile[start:start + count]
+            results.append(EncodedImage(
+                embeddings=torch.cat(tiles),  # type: ignore[arg-type]
+                tokens_per_tile=tuple(t.shape[0] for t in tiles),  # type: ignore[union-attr]
+            ))
+            start += count
+        return results
+
+
+def _first_set(override: float | None, checkpoint_value: float | None) -> float:
+    if override is not None:
+        return override
+    if checkpoint_value is None:
+        raise ValueError("the Flash checkpoint does not define its router thresholds; pass them explicitly")
+    return checkpoint_value
+
+
+def _with_prefix(tensors: dict[str, torch.Tensor], prefixes: tuple[str, ...]) -> dict[str, torch.Tensor]:
+    return {name: tensor for name, tensor in tensors.items() if name.startswith(prefixes)}
+
+
+def _strip_prefix(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    return {name.removeprefix(prefix): tensor for name, tensor in tensors.items() if name.startswith(prefix)}
