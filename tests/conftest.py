@@ -6,13 +6,16 @@ made from the same seed, so they hold the same numbers under each format's names
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
 import pytest
 
 _SESSION_ROOT = Path(tempfile.mkdtemp(prefix="dvd-serve-tests-"))
+atexit.register(shutil.rmtree, _SESSION_ROOT, ignore_errors=True)
 # Set before anything imports transformers or vLLM, so no test reads or writes the user's caches or the network.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
