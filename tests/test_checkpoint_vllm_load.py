@@ -3,8 +3,8 @@ PIL image. The two formats hold the same weights, so they must give the same tok
 the tokens transformers gives. The image is 448x448: one tile and no resize, so every preprocessing path (vLLM's
 original-format processor, transformers' GotOcr2 processor) feeds the model the same pixels.
 
-Test-only patch: vLLM inspects model classes in a `python -m vllm.model_executor.models.registry` subprocess that
-imports torchvision before anything could install the CPU torchvision shim, so the inspection runs in-process here.
+vLLM inspects model classes in a `python -m vllm.model_executor.models.registry` subprocess that imports
+torchvision first thing; it works because deploy/install.sh installs the torchvision import hook as a `.pth`.
 """
 
 from __future__ import annotations
@@ -77,16 +77,12 @@ def _running_engine(path: Path) -> Iterator[_Engine]:
     from dvd_serve.common.torch_compat import ensure_torchvision_importable
 
     ensure_torchvision_importable()
-    import vllm.model_executor.models.registry as registry
-
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(registry, "_run_in_subprocess", lambda inspect: inspect())
-        engine = _Engine(path)
-        try:
-            yield engine
-        finally:
-            del engine.llm
-            gc.collect()
+    engine = _Engine(path)
+    try:
+        yield engine
+    finally:
+        del engine.llm
+        gc.collect()
 
 
 def _collect_results(path: Path) -> dict[str, object]:
