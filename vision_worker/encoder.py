@@ -21,10 +21,6 @@ from dvd_serve.vision_worker.projector import make_mlp1, make_mlp2, shuffle_to_t
 from dvd_serve.vision_worker.vision_weights import load_vision_tensors
 from dvd_serve.vision_worker.vit import InternViT, VitConfig
 
-TOKENS_FULL = 256
-TOKENS_COMPRESSED = 64
-
-
 class VisionEncoderConfig(FrozenConfig):
     """How a vision replica loads and runs the vision side of a checkpoint."""
 
@@ -184,38 +180,13 @@ class VisionEncoder:
         `high` images keep 256 tokens, `low` images get 64 (Flash), `auto` images are routed by the ViR rule with
         the quantile taken over the `auto` tiles of their own request.
         """
-        compress = torch.zeros(features.shape[0], dtype=torch.bool)
         if self.router is None:
-            return compress
-        from dvd_serve.router.decision import decide_compression
-
-        auto_segments: list[torch.Tensor] = []  # per request: tile indices routed by the rule
-        start = 0
-        for request in requests:
-            auto: list[int] = []
-            for image, detail in zip(request.images, request.details, strict=True):
-                count = image.shape[0]
-                if detail is Detail.LOW:
-                    compress[start:start + count] = True
-                elif detail is Detail.AUTO:
-                    auto.extend(range(start, start + count))
-                start += count
-            auto_segments.append(torch.tensor(auto, dtype=torch.long))
-        auto_all = torch.cat(auto_segments)
-        if auto_all.numel() == 0:
-            return compress
-        p0 = self.router.compress_probability(features[auto_all.to(features.device)]).cpu()  # [auto tiles]
-        offset = 0
-        config = self.router.config
-        for segment in auto_segments:
-            count = segment.numel()
-            if count:
-                decided = decide_compression(
-                    p0[offset:offset + count], config.relative_threshold, config.absolute_threshold
-                )
-                compress[segment] = decided
-            offset += count
-        return compress
+            return torch.zeros(features.shape[0], dtype=torch.bool)
+        return self.router.route(
+            features,
+            [[image.shape[0] for image in request.images] for request in requests],
+            [list(request.details) for request in requests],
+        )
 
     @torch.inference_mode()
     def project(self, features: torch.Tensor, compress: torch.Tensor, tiles_per_image: Sequence[int]) -> list[EncodedImage]:
