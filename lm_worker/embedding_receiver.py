@@ -10,16 +10,20 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import inspect
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import NoReturn
 
 import grpc
+import torch
+from google.protobuf.message_factory import GetMessageClass
 
 from dvd_serve.common.errors import DeadlineExceededError, InvalidRequestError, ServingError
-from dvd_serve.lm_worker.embedding_store import EmbeddingStore
+from dvd_serve.lm_worker.embedding_store import EmbeddingStore, Reservation
 from dvd_serve.lm_worker.embedding_validation import (
     EmbeddingLimits,
     validate_chunk_payload,
@@ -29,7 +33,14 @@ from dvd_serve.lm_worker.embedding_validation import (
     validate_stream_complete,
 )
 from dvd_serve.proto.channel_options import TransportTuning, server_options
-from dvd_serve.proto.framing import PROTO_VERSION, DeclaredTensor, ReassemblyBuffer, declared_tensor, wire_dtype
+from dvd_serve.proto.framing import (
+    PROTO_VERSION,
+    ChunkLayout,
+    DeclaredTensor,
+    ReassemblyBuffer,
+    declared_tensor,
+    wire_dtype,
+)
 from dvd_serve.proto.status import ERROR_CODE_METADATA_KEY, status_for_error
 from dvd_serve.proto.v1 import embeddings_pb2 as pb
 from dvd_serve.proto.wire import SERVICE_NAME, ChunkView, decode_push_message
@@ -48,26 +59,37 @@ class ModelIdentity:
 
 
 InfoProvider = Callable[[], ModelIdentity]
-HealthProvider = Callable[[], Awaitable[bool]]
+# Sync or async: whether the engine behind the sink can take work now.
+HealthProvider = Callable[[], bool | Awaitable[bool]]
 
 
 def _invalid(message: str, code: str) -> InvalidRequestError:
     return InvalidRequestError(message, code=code)
 
 
-class _PushTimer:
-    """Nanosecond split of one push into validation and everything else."""
+def _reply(
+    accepted_bytes: int, duplicate: bool, *, started_ns: int, stream_ended_ns: int, validate_ns: int
+) -> pb.PushReply:
+    timings = pb.PushTimings(
+        receive_ns=stream_ended_ns - started_ns,
+        validate_ns=validate_ns,
+        total_ns=time.perf_counter_ns() - started_ns,
+    )
+    return pb.PushReply(accepted_bytes=accepted_bytes, duplicate=duplicate, timings=timings)
 
-    def __init__(self) -> None:
-        self.started_ns = time.perf_counter_ns()
-        self.validate_ns = 0
 
-    def timings(self, stream_ended_ns: int) -> pb.PushTimings:
-        return pb.PushTimings(
-            receive_ns=stream_ended_ns - self.started_ns,
-            validate_ns=self.validate_ns,
-            total_ns=time.perf_counter_ns() - self.started_ns,
-        )
+def _fill_and_check(buffer: ReassemblyBuffer, offset: int, chunk: ChunkView, dtype: torch.dtype) -> int:
+    """Worker-thread job: copy one chunk into place and check it there; returns nanoseconds spent checking."""
+    region = buffer.fill(offset, chunk.data)
+    started_ns = time.perf_counter_ns()
+    validate_chunk_payload(region, chunk.checksum, dtype)
+    return time.perf_counter_ns() - started_ns
+
+
+def _retrieve_result(job: asyncio.Future[int]) -> None:
+    """Marks a chunk job's failure as seen once another failure already ended the push."""
+    if not job.cancelled():
+        job.exception()
 
 
 class EmbeddingSinkServicer:
@@ -83,6 +105,7 @@ class EmbeddingSinkServicer:
         auth_token: str | None,
         tuning: TransportTuning,
         max_push_s: float,
+        chunk_workers: int,
     ) -> None:
         self._store = store
         self._limits = limits
@@ -91,56 +114,98 @@ class EmbeddingSinkServicer:
         self._expected_authorization = None if auth_token is None else f"Bearer {auth_token}".encode()
         self._tuning = tuning
         self._max_push_s = max_push_s
+        self._chunk_workers = ThreadPoolExecutor(max_workers=chunk_workers, thread_name_prefix="embedding-chunks")
 
     async def push(self, messages: AsyncIterator[PushMessage], context: grpc.aio.ServicerContext) -> pb.PushReply:
+        """Receives one image. A refused push is still read to its end (into nothing) before the error goes back.
+
+        A client-streaming call that ends while the client is still writing reaches the client as a write
+        failure that grpc.aio reports as INTERNAL, hiding the real status. Draining first makes the sender see
+        the status and fixed message it should act on (e.g. RESOURCE_EXHAUSTED -> 429); `max_push_s` bounds it.
+        """
         try:
-            self._authorize(context)
+            self._authorize(context)  # unauthenticated streams are not read at all
+        except ServingError as error:
+            await self._abort(context, error)
+        stream = aiter(messages)
+        try:
             async with asyncio.timeout(self._max_push_s):
-                return await self._receive(aiter(messages))
+                try:
+                    return await self._receive(stream)
+                except ServingError as serving_error:
+                    # Dropping the traceback drops the failed frame's receive buffer before the drain.
+                    error: ServingError = serving_error.with_traceback(None)
+                    async for _ in stream:
+                        pass
         except TimeoutError:
-            error: ServingError = DeadlineExceededError("embedding push took too long", code="embedding_push_too_slow")
-        except ServingError as serving_error:
-            error = serving_error
+            error = DeadlineExceededError("embedding push took too long", code="embedding_push_too_slow")
         except Exception:
             _LOGGER.exception("embedding push failed unexpectedly")
             error = ServingError("embedding push failed", code="embedding_push_failed")
         await self._abort(context, error)
 
     async def _receive(self, messages: AsyncIterator[PushMessage]) -> pb.PushReply:
-        timer = _PushTimer()
+        started_ns = time.perf_counter_ns()
         header = await anext(messages, None)
         if not isinstance(header, pb.TensorHeader):
             raise _invalid("embedding stream must start with a header", "embedding_header_missing")
+        header_checked_ns = time.perf_counter_ns()
         declared = declared_tensor(header)
         layout = validate_header(declared, self._limits)
-        timer.validate_ns += time.perf_counter_ns() - timer.started_ns
+        validate_ns = time.perf_counter_ns() - header_checked_ns
         if self._is_duplicate(declared):
-            return pb.PushReply(accepted_bytes=0, duplicate=True, timings=timer.timings(time.perf_counter_ns()))
+            async for _ in messages:
+                pass  # see `push`: the reply waits for the end of the stream
+            stream_ended_ns = time.perf_counter_ns()
+            return _reply(0, True, started_ns=started_ns, stream_ended_ns=stream_ended_ns, validate_ns=validate_ns)
         reservation = self._store.reserve(
             declared.request_id, declared.image_index, declared.total_bytes, declared.content_hash
         )
         try:
-            buffer = ReassemblyBuffer(declared.total_bytes)
-            received = 0
+            embeddings, chunks_validate_ns = await self._receive_payload(messages, declared, layout, reservation)
+            stream_ended_ns = time.perf_counter_ns()
+            self._store.complete(reservation, embeddings, declared.tokens_per_tile)
+        finally:
+            self._store.release(reservation)
+        validate_ns += chunks_validate_ns
+        return _reply(
+            declared.total_bytes, False, started_ns=started_ns, stream_ended_ns=stream_ended_ns, validate_ns=validate_ns
+        )
+
+    async def _receive_payload(
+        self,
+        messages: AsyncIterator[PushMessage],
+        declared: DeclaredTensor,
+        layout: ChunkLayout,
+        reservation: Reservation,
+    ) -> tuple[torch.Tensor, int]:
+        """Reads the chunks into a new buffer; returns the tensor and the time spent checking chunks.
+
+        Copying a chunk into place and checking its checksum and finiteness run on worker threads, so the
+        event loop goes straight back to reading the next chunk.
+        """
+        assert declared.dtype is not None  # validate_header passed
+        loop = asyncio.get_running_loop()
+        buffer = ReassemblyBuffer(declared.total_bytes)
+        chunk_jobs: list[asyncio.Future[int]] = []
+        try:
             async for message in messages:
                 self._store.check_current(reservation)
                 if not isinstance(message, ChunkView):
                     raise _invalid("embedding stream carries an unexpected message", "embedding_message_unexpected")
-                checked_ns = time.perf_counter_ns()
-                validate_chunk_position(layout, received, message.sequence, len(message.data))
-                validate_chunk_payload(message.data, declared.chunk_checksums[received], declared.dtype)
-                timer.validate_ns += time.perf_counter_ns() - checked_ns
-                buffer.write(layout.span(received)[0], message.data)
-                received += 1
-            stream_ended_ns = time.perf_counter_ns()
-            validate_stream_complete(layout, received)
-            embeddings = buffer.to_tensor(declared.dtype, declared.shape)
-            self._store.complete(reservation, embeddings, declared.tokens_per_tile)
+                sequence = len(chunk_jobs)
+                validate_chunk_position(layout, sequence, message.sequence, len(message.data))
+                offset = layout.span(sequence)[0]
+                chunk_jobs.append(
+                    loop.run_in_executor(self._chunk_workers, _fill_and_check, buffer, offset, message, declared.dtype)
+                )
+            validate_stream_complete(layout, len(chunk_jobs))
+            check_ns = sum([await job for job in chunk_jobs])
         finally:
-            self._store.release(reservation)
-        return pb.PushReply(
-            accepted_bytes=declared.total_bytes, duplicate=False, timings=timer.timings(stream_ended_ns)
-        )
+            for job in chunk_jobs:
+                job.add_done_callback(_retrieve_result)
+        self._store.check_current(reservation)
+        return buffer.to_tensor(declared.dtype, declared.shape), check_ns
 
     def _is_duplicate(self, declared: DeclaredTensor) -> bool:
         delivered_hash = self._store.delivered_content_hash(declared.request_id, declared.image_index)
@@ -175,7 +240,9 @@ class EmbeddingSinkServicer:
     async def health(self, request: pb.HealthRequest, context: grpc.aio.ServicerContext) -> pb.HealthReply:
         await self._authorize_or_abort(context)
         self._store.evict_expired()
-        serving = await self._health_provider()
+        serving = self._health_provider()
+        if inspect.isawaitable(serving):
+            serving = await serving
         status = pb.SERVING_STATUS_SERVING if serving else pb.SERVING_STATUS_NOT_SERVING
         return pb.HealthReply(status=status)
 
@@ -212,32 +279,23 @@ class EmbeddingSinkServicer:
 
 
 def embedding_sink_handler(servicer: EmbeddingSinkServicer) -> grpc.GenericRpcHandler:
-    """The service's method table. Push uses the chunk codec from `dvd_serve.proto.wire` instead of protobuf's."""
-    return grpc.method_handlers_generic_handler(
-        SERVICE_NAME,
-        {
-            "Push": grpc.stream_unary_rpc_method_handler(
-                servicer.push,
-                request_deserializer=decode_push_message,
-                response_serializer=pb.PushReply.SerializeToString,
-            ),
-            "Info": grpc.unary_unary_rpc_method_handler(
-                servicer.info,
-                request_deserializer=pb.InfoRequest.FromString,
-                response_serializer=pb.InfoReply.SerializeToString,
-            ),
-            "Health": grpc.unary_unary_rpc_method_handler(
-                servicer.health,
-                request_deserializer=pb.HealthRequest.FromString,
-                response_serializer=pb.HealthReply.SerializeToString,
-            ),
-            "Cancel": grpc.unary_unary_rpc_method_handler(
-                servicer.cancel,
-                request_deserializer=pb.CancelRequest.FromString,
-                response_serializer=pb.CancelReply.SerializeToString,
-            ),
-        },
-    )
+    """The service's method table, read from the descriptor: each method goes to the servicer method of the same
+    name in snake case. Push decodes with `dvd_serve.proto.wire` instead of protobuf (see there)."""
+    handlers: dict[str, grpc.RpcMethodHandler] = {}
+    for method in pb.DESCRIPTOR.services_by_name["EmbeddingSink"].methods:
+        behaviour = getattr(servicer, method.name.lower())
+        serialize_reply = GetMessageClass(method.output_type).SerializeToString
+        if method.client_streaming:
+            handlers[method.name] = grpc.stream_unary_rpc_method_handler(
+                behaviour, request_deserializer=decode_push_message, response_serializer=serialize_reply
+            )
+        else:
+            handlers[method.name] = grpc.unary_unary_rpc_method_handler(
+                behaviour,
+                request_deserializer=GetMessageClass(method.input_type).FromString,
+                response_serializer=serialize_reply,
+            )
+    return grpc.method_handlers_generic_handler(SERVICE_NAME, handlers)
 
 
 async def start_embedding_server(
@@ -251,12 +309,17 @@ async def start_embedding_server(
     *,
     tuning: TransportTuning | None = None,
     max_push_s: float = 60.0,
+    chunk_workers: int = 2,
 ) -> tuple[grpc.aio.Server, int]:
     """Starts the EmbeddingSink on `host:port` (port 0 picks a free one); returns the server and the bound port.
 
     Bind to the cluster-internal address only; with `auth_token` every call must carry `authorization: Bearer
-    <token>` metadata. The caller stops the server (`await server.stop(grace)`).
+    <token>` metadata. `max_push_s` bounds one push even when the client set no deadline; `chunk_workers` threads
+    copy and check chunks. The caller stops the server (`await server.stop(grace)`) and keeps a reference to it
+    meanwhile: a grpc.aio server that is garbage-collected stops serving.
     """
+    if chunk_workers < 1:
+        raise ValueError("chunk_workers must be at least 1")
     tuning = tuning or TransportTuning()
     if limits.max_chunk_bytes > tuning.max_chunk_bytes:
         raise ValueError("limits.max_chunk_bytes exceeds the transport's max_chunk_bytes")
@@ -268,6 +331,7 @@ async def start_embedding_server(
         auth_token=auth_token,
         tuning=tuning,
         max_push_s=max_push_s,
+        chunk_workers=chunk_workers,
     )
     server = grpc.aio.server(options=server_options(tuning))
     server.add_generic_rpc_handlers((embedding_sink_handler(servicer),))

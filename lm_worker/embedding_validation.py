@@ -113,10 +113,7 @@ def _validate_chunking(declared: DeclaredTensor, limits: EmbeddingLimits) -> Chu
     assert declared.dtype is not None  # checked by validate_header first
     if not limits.min_chunk_bytes <= chunk_bytes <= limits.max_chunk_bytes or chunk_bytes % declared.dtype.itemsize:
         raise _invalid("embedding chunk size is not accepted", "embedding_chunk_size_invalid")
-    layout = ChunkLayout(declared.total_bytes, chunk_bytes)
-    if len(declared.chunk_checksums) != layout.count:
-        raise _invalid("embedding checksum count does not match its chunks", "embedding_checksum_count_mismatch")
-    return layout
+    return ChunkLayout(declared.total_bytes, chunk_bytes)
 
 
 def validate_chunk_position(layout: ChunkLayout, expected_sequence: int, sequence: int, size: int) -> None:

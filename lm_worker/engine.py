@@ -2,8 +2,8 @@
 
 vLLM is started with `enable_mm_embeds=True` and an image limit of 0, so it loads no vision tower or projector
 and accepts each image as a ready `[tokens, llm_hidden]` tensor; it expands every placeholder in the prompt to
-`<img>` + tokens x `<IMG_CONTEXT>` + `</img>` from the tensor's length. Flash checkpoints go through the plugin
-model class (see `vllm_plugin`).
+`<img>` + tokens x `<IMG_CONTEXT>` + `</img>` from the tensor's length. The model class comes from the plugin
+(see `vllm_models`): it accepts images of different lengths in one step and Flash checkpoints.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from dvd_serve.common.checkpoint.spec import CheckpointSpec
 from dvd_serve.common.config import FrozenConfig
 from dvd_serve.common.errors import InvalidRequestError, UnavailableError
 from dvd_serve.common.chat import GenerationDelta, SamplingConfig
-from dvd_serve.lm_worker.vllm_plugin import flash_engine_overrides, register
+from dvd_serve.lm_worker.vllm_plugin import language_only_overrides, register
 
 logger = logging.getLogger(__name__)
 
@@ -69,7 +69,7 @@ def build_engine_args(config: LanguageEngineConfig, spec: CheckpointSpec):
         gpu_memory_utilization=config.gpu_memory_utilization,
         limit_mm_per_prompt={"image": 0, "video": 0},
         enable_mm_embeds=True,
-        hf_overrides=flash_engine_overrides() if spec.flash else {},
+        hf_overrides=language_only_overrides(spec),
         distributed_executor_backend=None if on_gpu else "uni",
     )
 
@@ -106,7 +106,7 @@ class LanguageEngine:
         self._check_images(prompt, images)
         engine_prompt: dict = {"prompt": prompt}
         if images:
-            engine_prompt["multi_modal_data"] = {"image": [image.to(self._engine_dtype()) for image in images]}
+            engine_prompt["multi_modal_data"] = {"image": [image.to(self.dtype) for image in images]}
         params = to_vllm_sampling_params(sampling)
         first = True
         try:
@@ -150,7 +150,9 @@ class LanguageEngine:
     def shutdown(self) -> None:
         self._engine.shutdown()
 
-    def _engine_dtype(self) -> torch.dtype:
+    @property
+    def dtype(self) -> torch.dtype:
+        """The engine's activation dtype; received embeddings must arrive in it."""
         return self._engine.model_config.dtype
 
     def _check_images(self, prompt: str, images: Sequence[torch.Tensor]) -> None:

@@ -1,17 +1,22 @@
 """vLLM general plugin (entry point group `vllm.general_plugins`), loaded by vLLM in every engine process.
 
 It does two things, both idempotent:
-1. makes torchvision importable beside CPU torch (see `dvd_serve.common.torch_compat`), because vLLM's InternVL
-   processors import transformers' image processors, which import torchvision;
-2. registers `FLASH_ARCHITECTURE`, vLLM's own `InternVLChatModel` minus the Flash router weights. vLLM refuses a
-   Flash checkpoint otherwise ("There is no module or parameter named 'gating'"). The language model is unchanged;
-   select it with `hf_overrides={"architectures": [FLASH_ARCHITECTURE]}` (see `flash_engine_overrides`).
+1. makes torchvision importable beside CPU torch (see `dvd_serve.common.torch_compat`);
+2. registers the language worker's model classes (see `vllm_models`): vLLM's InternVL classes accepting images
+   of different token counts in one step, and Flash checkpoints. `language_only_overrides(spec)` selects them
+   through `hf_overrides`.
 """
 
 from __future__ import annotations
 
-FLASH_ARCHITECTURE = "DvdServeInternVLFlashChatModel"
-_FLASH_MODEL_CLASS = "dvd_serve.lm_worker.vllm_flash_model:InternVLFlashChatModel"
+from dvd_serve.common.checkpoint.spec import CheckpointSpec
+
+CHAT_ARCHITECTURE = "DvdServeLanguageOnlyInternVLChatModel"
+HF_ARCHITECTURE = "DvdServeLanguageOnlyInternVLForConditionalGeneration"
+_MODEL_CLASSES = {
+    CHAT_ARCHITECTURE: "dvd_serve.lm_worker.vllm_models:LanguageOnlyInternVLChatModel",
+    HF_ARCHITECTURE: "dvd_serve.lm_worker.vllm_models:LanguageOnlyInternVLForConditionalGeneration",
+}
 
 
 def register() -> None:
@@ -20,10 +25,20 @@ def register() -> None:
     ensure_torchvision_importable()
     from vllm import ModelRegistry
 
-    if FLASH_ARCHITECTURE not in ModelRegistry.get_supported_archs():
-        ModelRegistry.register_model(FLASH_ARCHITECTURE, _FLASH_MODEL_CLASS)
+    supported = ModelRegistry.get_supported_archs()
+    for architecture, model_class in _MODEL_CLASSES.items():
+        if architecture not in supported:
+            ModelRegistry.register_model(architecture, model_class)
 
 
-def flash_engine_overrides() -> dict[str, list[str]]:
-    """`hf_overrides` that make vLLM load a Flash checkpoint with the plugin's model class."""
-    return {"architectures": [FLASH_ARCHITECTURE]}
+def language_only_overrides(spec: CheckpointSpec) -> dict[str, list[str]]:
+    """`hf_overrides` that make vLLM load `spec`'s checkpoint with the language worker's model class."""
+    return {"architectures": [CHAT_ARCHITECTURE if spec.fmt == "chat" else HF_ARCHITECTURE]}
+
+
+def flash_monolithic_overrides() -> dict[str, list[str]]:
+    """For vLLM serving a Flash checkpoint monolithically (pixels in): it cannot load the router weights otherwise.
+
+    The model then behaves as if every tile kept 256 tokens, which is what vLLM does for Flash checkpoints.
+    """
+    return {"architectures": [CHAT_ARCHITECTURE]}

@@ -16,7 +16,7 @@ from pydantic import Field
 
 from dvd_serve.common.chat import ChatJob, GenerationDelta, StageTimings
 from dvd_serve.common.config import FrozenConfig
-from dvd_serve.lm_worker.embedding_receiver import start_embedding_server
+from dvd_serve.lm_worker.embedding_receiver import ModelIdentity, start_embedding_server
 from dvd_serve.lm_worker.embedding_store import EmbeddingStore
 from dvd_serve.lm_worker.embedding_validation import EmbeddingLimits
 from dvd_serve.lm_worker.engine import LanguageEngine, LanguageEngineConfig
@@ -58,11 +58,15 @@ class LanguageWorker:
         engine = LanguageEngine.start(config.engine)
         store = EmbeddingStore(config.store_budget_bytes, config.store_ttl_s)
         worker = cls(config, engine, store)
-        limits = EmbeddingLimits(llm_hidden_size=engine.spec.llm_hidden)
+        limits = EmbeddingLimits(
+            llm_hidden_size=engine.spec.llm_hidden,
+            accepted_dtypes=(str(engine.dtype).removeprefix("torch."),),
+            max_images_per_request=config.engine.max_images_per_request,
+        )
         worker._server, worker.grpc_port = await start_embedding_server(
             store,
             limits,
-            info_provider=worker.info,
+            info_provider=lambda: ModelIdentity(model_id=engine.spec.model_id, revision=""),
             health_provider=lambda: not engine.is_dead,
             host=config.grpc_host,
             port=config.grpc_port,
@@ -74,15 +78,6 @@ class LanguageWorker:
     @property
     def grpc_address(self) -> str:
         return f"{self.config.grpc_host}:{self.grpc_port}"
-
-    def info(self) -> dict:
-        spec = self.engine.spec
-        return {
-            "model_id": spec.model_id,
-            "llm_hidden_size": spec.llm_hidden,
-            "max_model_len": self.config.engine.max_model_len,
-            "max_images_per_request": self.config.engine.max_images_per_request,
-        }
 
     async def generate(self, job: ChatJob, expected_images: int) -> AsyncIterator[GenerationDelta]:
         """Stream the answer to `job` once its `expected_images` embeddings have arrived."""
