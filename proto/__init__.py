@@ -1,1 +1,2 @@
-"""Versioned gRPC contract between the vision and language services, and its generated stubs."""
+"""Versioned gRPC contract between the vision and language services (`v1/`), its generated stubs, and the framing,
+codec, channel options and status mapping both edges share. See proto/README.md."""
