@@ -50,6 +50,7 @@ class LanguageWorker:
         self._server = None
         self.grpc_port: int | None = None
         self._watchdog: asyncio.Task | None = None
+        self._sweeper: asyncio.Task | None = None
 
     @classmethod
     async def start(
@@ -73,6 +74,7 @@ class LanguageWorker:
             auth_token=config.grpc_auth_token,
         )
         worker._watchdog = asyncio.create_task(worker._watch_engine(on_engine_death or _exit_process))
+        worker._sweeper = asyncio.create_task(store.run_sweeper(config.store_ttl_s / 4))
         return worker
 
     @property
@@ -109,8 +111,9 @@ class LanguageWorker:
         await self.engine.abort(request_id)
 
     async def stop(self) -> None:
-        if self._watchdog is not None:
-            self._watchdog.cancel()
+        for task in (self._watchdog, self._sweeper):
+            if task is not None:
+                task.cancel()
         if self._server is not None:
             await self._server.stop(grace=1.0)
         self.engine.shutdown()
