@@ -1,0 +1,373 @@
+"""The Ray actors of both topologies, and the pool that places, probes and revives them.
+
+- `VisionActor` wraps a `VisionWorker`: images in, embeddings pushed to the language replica named per request.
+- `LanguageActor` wraps a `LanguageWorker`: its gRPC sink receives the embeddings, `generate` streams tokens.
+- `CoupledActor` is the paper's baseline: vision then language in one process, no gRPC hop, through the same
+  `VisionWorker.encode` and `LanguageEngine.generate` code.
+
+Every actor loads its model on first use (`ready()` triggers it), so a replica Ray restarts after a crash loads
+again by itself. Expected failures leave an actor as `RemoteServingError` (a `ServingError` does not survive
+pickling) and become `ServingError`s again in the gateway through `to_serving_error`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import ray
+from ray.exceptions import ActorDiedError, RayActorError, RayTaskError
+from ray.util import get_node_ip_address
+
+from dvd_serve.common.chat import ChatJob, GenerationDelta, ImagePart
+from dvd_serve.common.errors import ServingError, UnavailableError
+from dvd_serve.server.local_generation import generate_with_embeddings, vision_seconds
+from dvd_serve.server.replica_choice import least_outstanding
+from dvd_serve.server.serve_config import PoolConfig, ServeConfig
+
+logger = logging.getLogger(__name__)
+
+ENGINE_WATCH_INTERVAL_S = 1.0
+REVIVE_INTERVAL_S = 1.0
+REPLICA_STOP_TIMEOUT_S = 30.0
+
+
+class RemoteServingError(Exception):
+    """A `ServingError` in a form that crosses Ray: only positional, picklable arguments."""
+
+    def __init__(self, kind: str, message: str, code: str, param: str | None) -> None:
+        super().__init__(kind, message, code, param)
+
+    @classmethod
+    def wrap(cls, error: ServingError) -> "RemoteServingError":
+        return cls(type(error).__name__, error.message, error.code, error.param)
+
+    def unwrap(self) -> ServingError:
+        kind, message, code, param = self.args
+        return _serving_error_type(kind)(message, code=code, param=param)
+
+
+def _serving_error_type(name: str) -> type[ServingError]:
+    pending: list[type[ServingError]] = [ServingError]
+    while pending:
+        error_type = pending.pop()
+        if error_type.__name__ == name:
+            return error_type
+        pending.extend(error_type.__subclasses__())
+    return ServingError
+
+
+@contextlib.contextmanager
+def _portable_errors() -> Iterator[None]:
+    try:
+        yield
+    except ServingError as error:
+        raise RemoteServingError.wrap(error) from None
+
+
+def to_serving_error(error: BaseException, pool: str) -> ServingError:
+    """What a failed actor call means for the client, with a fixed message."""
+    cause = error.cause if isinstance(error, RayTaskError) else error
+    if isinstance(cause, RemoteServingError):
+        return cause.unwrap()
+    if isinstance(error, RayActorError):
+        return UnavailableError(f"A {pool} replica stopped while serving the request.", code="replica_unavailable")
+    logger.error("unexpected failure in the %s pool: %r", pool, error)
+    return ServingError("Internal error in a model replica.", code="replica_internal_error")
+
+
+@dataclass(frozen=True, slots=True)
+class ReplicaInfo:
+    """Where a replica runs, reported once it has loaded its model."""
+
+    node_id: str
+    pid: int
+    grpc_address: str | None = None  # language replicas: host:port of the embedding sink
+
+
+def _replica_info(grpc_address: str | None = None) -> ReplicaInfo:
+    return ReplicaInfo(node_id=ray.get_runtime_context().get_node_id(), pid=os.getpid(), grpc_address=grpc_address)
+
+
+class _Replica:
+    """What every actor shares: lazy model loading, the outstanding-work count and request tracking."""
+
+    def __init__(self, config: ServeConfig) -> None:
+        self._config = config
+        self._loading: asyncio.Future | None = None
+        self._outstanding = 0
+
+    async def _load(self) -> Any:
+        raise NotImplementedError
+
+    async def _loaded(self) -> Any:
+        if self._loading is None:
+            self._loading = asyncio.ensure_future(self._load())
+        return await asyncio.shield(self._loading)
+
+    async def _release(self, loaded: Any) -> None:
+        raise NotImplementedError
+
+    async def stop(self) -> None:
+        """Releases what `_load` loaded (engine processes, gRPC server, threads), if it finished loading."""
+        loading = self._loading
+        if loading is None or not loading.done() or loading.cancelled() or loading.exception() is not None:
+            return
+        await self._release(loading.result())
+
+    async def outstanding(self) -> int:
+        """Requests this replica is working on now."""
+        return self._outstanding
+
+    async def _tracked(
+        self, stream: AsyncIterator[GenerationDelta], request_id: str, abort: Callable[[str], Awaitable[Any]]
+    ) -> AsyncIterator[GenerationDelta]:
+        """Passes `stream` on; aborts the request's work if the stream ends before its final delta."""
+        self._outstanding += 1
+        finished = False
+        try:
+            with _portable_errors():
+                async for delta in stream:
+                    finished = delta.finish_reason is not None
+                    yield delta
+        finally:
+            try:
+                await stream.aclose()
+                if not finished:
+                    await abort(request_id)
+            finally:
+                self._outstanding -= 1
+
+
+@ray.remote
+class VisionActor(_Replica):
+    async def _load(self):
+        from dvd_serve.vision_worker.worker import VisionWorker
+
+        return await asyncio.to_thread(VisionWorker.load, self._config.vision_worker_config())
+
+    async def ready(self) -> ReplicaInfo:
+        await self._loaded()
+        return _replica_info()
+
+    async def process(self, request_id: str, images: tuple[ImagePart, ...], lm_address: str):
+        """Encode `images` and push them to the language replica at `lm_address`; returns the `VisionOutcome`."""
+        worker = await self._loaded()
+        self._outstanding += 1
+        try:
+            with _portable_errors():
+                return await worker.process(request_id, images, lm_address)
+        finally:
+            self._outstanding -= 1
+
+    async def _release(self, worker) -> None:
+        await worker.close()
+
+
+@ray.remote
+class LanguageActor(_Replica):
+    async def _load(self):
+        from dvd_serve.lm_worker.worker import LanguageWorker
+
+        grpc_host = self._config.grpc_host or get_node_ip_address()
+        return await LanguageWorker.start(self._config.language_worker_config(grpc_host))
+
+    async def ready(self) -> ReplicaInfo:
+        worker = await self._loaded()
+        return _replica_info(worker.grpc_address)
+
+    @ray.method(max_task_retries=-1)  # a pure query: after a restart, ask the new incarnation
+    async def grpc_address(self) -> str:
+        return (await self._loaded()).grpc_address
+
+    @ray.method(num_returns="streaming")
+    async def generate(self, job: ChatJob, expected_images: int) -> AsyncIterator[GenerationDelta]:
+        """Stream the answer once `expected_images` embeddings have arrived."""
+        worker = await self._loaded()
+        if expected_images:
+            stream = worker.generate(job, expected_images)
+        else:
+            stream = generate_with_embeddings(worker.engine, job, [])
+        async for delta in self._tracked(stream, job.request_id, worker.cancel):
+            yield delta
+
+    async def cancel(self, request_id: str) -> None:
+        await (await self._loaded()).cancel(request_id)
+
+    async def _release(self, worker) -> None:
+        await worker.stop()
+
+
+@ray.remote
+class CoupledActor(_Replica):
+    def __init__(self, config: ServeConfig) -> None:
+        super().__init__(config)
+        self._watchdog: asyncio.Task | None = None
+
+    async def _load(self):
+        from dvd_serve.lm_worker.engine import LanguageEngine
+        from dvd_serve.vision_worker.worker import VisionWorker
+
+        vision = await asyncio.to_thread(VisionWorker.load, self._config.vision_worker_config())
+        engine = LanguageEngine.start(self._config.language_engine_config())
+        self._watchdog = asyncio.create_task(_exit_when_dead(engine))
+        return vision, engine
+
+    async def ready(self) -> ReplicaInfo:
+        await self._loaded()
+        return _replica_info()
+
+    @ray.method(num_returns="streaming")
+    async def generate(self, job: ChatJob) -> AsyncIterator[GenerationDelta]:
+        """Encode the job's images here, then stream the answer."""
+        from dvd_serve.vision_worker.worker import VisionOutcome
+
+        vision, engine = await self._loaded()
+
+        async def answer() -> AsyncIterator[GenerationDelta]:
+            outcome = VisionOutcome()
+            encoded = await vision.encode(job.images, outcome) if job.images else []
+            images = [image.embeddings for image in encoded]
+            async for delta in generate_with_embeddings(engine, job, images, vision_seconds(outcome)):
+                yield delta
+
+        async for delta in self._tracked(answer(), job.request_id, engine.abort):
+            yield delta
+
+    async def cancel(self, request_id: str) -> None:
+        _vision, engine = await self._loaded()
+        await engine.abort(request_id)
+
+    async def _release(self, parts) -> None:
+        vision, engine = parts
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+        await vision.close()
+        engine.shutdown()
+
+
+async def _exit_when_dead(engine) -> None:
+    # Same policy as the language worker's watchdog: a dead engine ends the process, Ray restarts the replica.
+    while not engine.is_dead:
+        await asyncio.sleep(ENGINE_WATCH_INTERVAL_S)
+    logger.error("language engine died; exiting so Ray restarts this replica")
+    os._exit(1)
+
+
+@dataclass(eq=False, slots=True)
+class Replica:
+    """The gateway's view of one actor."""
+
+    name: str  # e.g. "vision[1]"
+    index: int
+    handle: Any  # ray.actor.ActorHandle
+    info: ReplicaInfo | None = None
+    outstanding: int = 0  # requests this gateway has handed to it and not yet finished
+    alive: bool = False
+    reviving: asyncio.Task | None = None
+
+
+class ReplicaPool:
+    """The replicas of one pool: start-up, least-outstanding choice, liveness."""
+
+    def __init__(self, name: str, replicas: list[Replica], probe_timeout_s: float) -> None:
+        self.name = name
+        self.replicas = replicas
+        self._probe_timeout_s = probe_timeout_s
+        self._cursor = 0
+
+    @classmethod
+    def launch(
+        cls, name: str, actor_class: Any, pool: PoolConfig, config: ServeConfig, cluster_has_gpus: bool
+    ) -> "ReplicaPool":
+        """Creates the pool's actors (they load their models once `wait_ready` asks)."""
+        options = pool.actor_options(cluster_has_gpus, config.actor_env_vars(cluster_has_gpus))
+        replicas = [
+            Replica(name=f"{name}[{index}]", index=index, handle=actor_class.options(**options).remote(config))
+            for index in range(pool.replicas)
+        ]
+        return cls(name, replicas, config.replica_probe_timeout_s)
+
+    async def wait_ready(self, report: Callable[[str], None]) -> None:
+        """Returns once every replica has loaded its model; raises if one fails to."""
+        started = time.monotonic()
+
+        async def one(replica: Replica) -> None:
+            replica.info = await replica.handle.ready.remote()
+            replica.alive = True
+            report(f"{replica.name} ready on node {replica.info.node_id[:12]} ({time.monotonic() - started:.1f} s)")
+
+        await asyncio.gather(*(one(replica) for replica in self.replicas))
+
+    def choose(self, exclude: frozenset[int] = frozenset()) -> Replica:
+        """The live replica with the least outstanding work (ties rotate); UnavailableError if none is live."""
+        loads = [
+            replica.outstanding if replica.alive and replica.index not in exclude else None
+            for replica in self.replicas
+        ]
+        index = least_outstanding(loads, self._cursor)
+        if index is None:
+            raise UnavailableError(f"No {self.name} replica is available.", code="no_replica_available")
+        self._cursor = index + 1
+        return self.replicas[index]
+
+    def has_live_replica(self, exclude: frozenset[int] = frozenset()) -> bool:
+        return any(replica.alive and replica.index not in exclude for replica in self.replicas)
+
+    def mark_dead(self, replica: Replica) -> None:
+        """Stops choosing `replica` until it answers `ready()` again (Ray restarts it per `max_restarts`)."""
+        replica.alive = False
+        if replica.reviving is None or replica.reviving.done():
+            replica.reviving = asyncio.create_task(self._revive(replica))
+
+    async def _revive(self, replica: Replica) -> None:
+        while True:
+            try:
+                info = await asyncio.wait_for(replica.handle.ready.remote(), self._probe_timeout_s)
+            except ActorDiedError:
+                logger.error("%s is gone for good (no restarts left)", replica.name)
+                return
+            except (RayActorError, TimeoutError):
+                await asyncio.sleep(REVIVE_INTERVAL_S)
+                continue
+            except Exception:
+                logger.exception("%s failed to load after a restart", replica.name)
+                return
+            replica.info, replica.alive = info, True
+            logger.info("%s is back", replica.name)
+            return
+
+    async def readiness(self) -> bool:
+        """Whether at least one replica answers `ready()` within the probe timeout."""
+
+        async def probe(replica: Replica) -> bool:
+            if not replica.alive:
+                return False
+            try:
+                replica.info = await asyncio.wait_for(replica.handle.ready.remote(), self._probe_timeout_s)
+            except RayActorError:
+                self.mark_dead(replica)
+                return False
+            except Exception:
+                return False
+            return True
+
+        return any(await asyncio.gather(*(probe(replica) for replica in self.replicas)))
+
+    async def stop(self, timeout_s: float = REPLICA_STOP_TIMEOUT_S) -> None:
+        """Lets every replica release its model (bounded), then ends the actors."""
+        for replica in self.replicas:
+            if replica.reviving is not None:
+                replica.reviving.cancel()
+        stops = [replica.handle.stop.remote() for replica in self.replicas]
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(asyncio.gather(*stops, return_exceptions=True), timeout_s)
+        for replica in self.replicas:
+            replica.alive = False
+            ray.kill(replica.handle, no_restart=True)

@@ -1,0 +1,342 @@
+"""`RayPipeline`: the `ChatPipeline` behind the gateway, over Ray actor pools started from a `ServeConfig`.
+
+Per request (dvd topology): choose the language replica with the least outstanding work, start the vision work
+(`VisionActor.process`, pushing embeddings to that replica's gRPC sink) and the language stream
+(`LanguageActor.generate`, which waits for the embeddings) at the same time, and pass the deltas on. Requests
+without images skip the vision pool. In the coupled topology one `CoupledActor` call does both.
+
+When the consumer stops early (client gone, deadline) or anything fails, both sides are cancelled. A vision
+replica that dies before the answer starts is replaced by another live one when the pool has one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import logging
+import os
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+
+import ray
+from ray.exceptions import RayActorError, RayError
+
+from dvd_serve.common.chat import ChatJob, ChatMessage, GenerationDelta, ImagePart, StageTimings
+from dvd_serve.common.checkpoint.spec import CheckpointSpec
+from dvd_serve.common.errors import UnavailableError
+from dvd_serve.server.local_generation import vision_seconds
+from dvd_serve.server.metrics import ServingMetrics
+from dvd_serve.server.ray_actors import (
+    CoupledActor,
+    LanguageActor,
+    Replica,
+    ReplicaPool,
+    VisionActor,
+    to_serving_error,
+)
+from dvd_serve.server.serve_config import ServeConfig
+from dvd_serve.vision_worker.worker import VisionOutcome
+
+logger = logging.getLogger(__name__)
+
+ACTOR_CLASSES = {"vision": VisionActor, "language": LanguageActor, "coupled": CoupledActor}
+STARTUP_REPORT_INTERVAL_S = 15.0
+
+
+def connect_ray(config: ServeConfig, report: Callable[[str], None]) -> bool:
+    """Joins `config.ray_address`, or starts an embedded Ray; True if this call connected (and must shut down)."""
+    if ray.is_initialized():
+        return False
+    report(f"joining the Ray cluster at {config.ray_address}" if config.ray_address else "starting an embedded Ray")
+    if config.ray_address:
+        ray.init(address=config.ray_address)
+    else:
+        ray.init(
+            num_cpus=config.embedded_ray_cpus(os.cpu_count() or 1),
+            resources=config.embedded_ray_resources(),
+            include_dashboard=False,
+        )
+    return True
+
+
+def shutdown_ray() -> None:
+    ray.shutdown()
+
+
+def without_image_data(job: ChatJob) -> ChatJob:
+    """`job` with image URLs blanked: the language side needs only where the images go, not their bytes."""
+    messages = tuple(
+        ChatMessage(
+            message.role,
+            tuple(dataclasses.replace(part, url="") if isinstance(part, ImagePart) else part for part in message.parts),
+        )
+        for message in job.messages
+    )
+    return dataclasses.replace(job, messages=messages)
+
+
+class RayPipeline:
+    """Implements `dvd_serve.server.pipeline.ChatPipeline`."""
+
+    def __init__(
+        self, config: ServeConfig, pools: dict[str, ReplicaPool], tokenizer, owns_ray: bool,
+        metrics: ServingMetrics | None = None,
+    ) -> None:
+        self.config = config
+        self.pools = pools
+        self._tokenizer = tokenizer
+        self._token_texts: dict[int, str] = {}
+        self._owns_ray = owns_ray
+        self._metrics = metrics
+        spec = CheckpointSpec.from_dir(config.model)
+        self._model_id = spec.model_id
+        self._full_tile_tokens = spec.tokens_per_tile
+        self._draining = False
+        self._in_flight = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    @classmethod
+    async def start(
+        cls, config: ServeConfig, report: Callable[[str], None], metrics: ServingMetrics | None = None,
+    ) -> "RayPipeline":
+        """Connects to Ray, starts every pool's replicas and returns once all have loaded the model."""
+        owns_ray = connect_ray(config, report)
+        pools: dict[str, ReplicaPool] = {}
+        try:
+            has_gpus = ray.cluster_resources().get("GPU", 0) > 0
+            for name, pool_config in config.pools.items():
+                pools[name] = ReplicaPool.launch(name, ACTOR_CLASSES[name], pool_config, config, has_gpus)
+            total = sum(len(pool.replicas) for pool in pools.values())
+            report(f"loading {config.model} on {total} replica(s) ({config.topology} topology)")
+            tokenizer = await _load_tokenizer(config.model)
+            await _wait_ready(pools, config.startup_timeout_s, report)
+        except BaseException:
+            await _stop_pools(pools)
+            if owns_ray:
+                ray.shutdown()
+            raise
+        report("all replicas ready")
+        return cls(config, pools, tokenizer, owns_ray, metrics)
+
+    @property
+    def model_id(self) -> str:
+        return self._model_id
+
+    @property
+    def max_model_len(self) -> int:
+        return self.config.max_model_len
+
+    @property
+    def in_flight(self) -> int:
+        return self._in_flight
+
+    def token_text(self, token_id: int) -> str:
+        text = self._token_texts.get(token_id)
+        if text is None:
+            text = self._token_texts[token_id] = self._tokenizer.decode([token_id])
+        return text
+
+    async def readiness(self) -> dict[str, bool]:
+        if self._draining:
+            return {name: False for name in self.pools}
+        states = await asyncio.gather(*(pool.readiness() for pool in self.pools.values()))
+        return dict(zip(self.pools, states, strict=True))
+
+    def begin_drain(self) -> None:
+        """From now on readiness fails and new jobs are refused; jobs already running go on."""
+        self._draining = True
+
+    async def wait_idle(self, timeout_s: float) -> bool:
+        """Waits until no job is running (at most `timeout_s`); True if none is."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._idle.wait(), timeout_s)
+        return self._in_flight == 0
+
+    async def shutdown(self) -> None:
+        """Stops every replica and, if the pipeline started or joined Ray itself, disconnects."""
+        await _stop_pools(self.pools)
+        if self._owns_ray:
+            ray.shutdown()
+
+    async def generate(self, job: ChatJob) -> AsyncIterator[GenerationDelta]:
+        if self._draining:
+            raise UnavailableError("The server is shutting down.", code="shutting_down")
+        self._in_flight += 1
+        self._idle.clear()
+        try:
+            async with contextlib.aclosing(self._answer(job)) as deltas:
+                async for delta in deltas:
+                    yield delta
+        finally:
+            self._in_flight -= 1
+            if self._in_flight == 0:
+                self._idle.set()
+
+    async def _answer(self, job: ChatJob) -> AsyncIterator[GenerationDelta]:
+        coupled = self.config.topology == "coupled"
+        pool = self.pools["coupled" if coupled else "language"]
+        replica = pool.choose()
+        stream = vision_task = None
+        finished = False
+        with self._tracked(pool, replica):
+            try:
+                if coupled:
+                    stream = replica.handle.generate.remote(job)
+                else:
+                    if job.images:
+                        vision_task = asyncio.ensure_future(self._encode_and_push(job, replica.info.grpc_address))
+                    stream = replica.handle.generate.remote(without_image_data(job), len(job.images))
+                totals: StageTimings | None = None
+                while not finished:
+                    delta = await self._next_delta(stream, vision_task, pool, replica)
+                    first = totals is None
+                    if first:
+                        outcome = await vision_task if vision_task is not None else None
+                        totals = _first_timings(delta.timings, outcome)
+                    elif delta.timings is not None:
+                        totals.inference_s = delta.timings.inference_s
+                    finished = delta.finish_reason is not None
+                    if first or finished:
+                        delta.timings = dataclasses.replace(totals)
+                    yield delta
+            finally:
+                if not finished:
+                    _abandon(job.request_id, replica, stream, vision_task)
+
+    async def _next_delta(self, stream, vision_task: asyncio.Future | None, pool: ReplicaPool,
+                          replica: Replica) -> GenerationDelta:
+        """The next delta of `stream`; fails as soon as the vision side fails, instead of when the LM gives up."""
+        next_delta = asyncio.ensure_future(_next_item(stream))
+        try:
+            if vision_task is not None and not vision_task.done():
+                await asyncio.wait({next_delta, vision_task}, return_when=asyncio.FIRST_COMPLETED)
+            vision_failure = _failure(vision_task) if vision_task is not None else None
+            if vision_failure is not None:
+                raise vision_failure
+            return await next_delta
+        except StopAsyncIteration:
+            raise UnavailableError(f"A {pool.name} replica ended the answer early.", code="stream_ended") from None
+        except RayError as error:
+            if isinstance(error, RayActorError):
+                pool.mark_dead(replica)
+            raise to_serving_error(error, pool.name) from None
+        finally:
+            next_delta.cancel()
+
+    async def _encode_and_push(self, job: ChatJob, lm_address: str) -> VisionOutcome:
+        """Runs the job's vision work on the least-loaded vision replica, on another one if that replica dies."""
+        pool = self.pools["vision"]
+        tried: set[int] = set()
+        while True:
+            replica = pool.choose(frozenset(tried))
+            with self._tracked(pool, replica):
+                call = replica.handle.process.remote(job.request_id, job.images, lm_address)
+                try:
+                    outcome = await call
+                except asyncio.CancelledError:
+                    ray.cancel(call)
+                    raise
+                except RayActorError as error:
+                    pool.mark_dead(replica)
+                    tried.add(replica.index)
+                    if not pool.has_live_replica(frozenset(tried)):
+                        raise to_serving_error(error, pool.name) from None
+                    logger.warning("%s died during %s; retrying on another vision replica", replica.name,
+                                   job.request_id)
+                    continue
+                except RayError as error:
+                    raise to_serving_error(error, pool.name) from None
+            self._record_vision(outcome)
+            return outcome
+
+    @contextlib.contextmanager
+    def _tracked(self, pool: ReplicaPool, replica: Replica) -> Iterator[None]:
+        replica.outstanding += 1
+        gauge = self._metrics.pool_in_flight.labels(pool.name) if self._metrics is not None else None
+        if gauge is not None:
+            gauge.inc()
+        try:
+            yield
+        finally:
+            replica.outstanding -= 1
+            if gauge is not None:
+                gauge.dec()
+
+    def _record_vision(self, outcome: VisionOutcome) -> None:
+        metrics = self._metrics
+        if metrics is None:
+            return
+        metrics.fetch_decode_seconds.observe(outcome.fetch_decode_s)
+        metrics.preprocess_seconds.observe(outcome.preprocess_s)
+        metrics.vision_queue_seconds.observe(outcome.queue_wait_s)
+        metrics.vision_batch_size.observe(outcome.batch_tiles)
+        metrics.encode_seconds.observe(outcome.encode_s)
+        metrics.transfer_bytes.observe(outcome.transfer_bytes)
+        metrics.transfer_seconds.observe(outcome.transfer_s)
+        for tokens, tiles in zip(outcome.tokens_per_image, outcome.tokens_per_tile, strict=True):
+            metrics.visual_tokens_per_image.observe(tokens)
+            if tiles:
+                metrics.router_compression_ratio.observe(tokens / (self._full_tile_tokens * len(tiles)))
+
+
+def _first_timings(reported: StageTimings | None, outcome: VisionOutcome | None) -> StageTimings:
+    totals = dataclasses.replace(reported) if reported is not None else StageTimings()
+    if outcome is not None:
+        totals.vision_s = vision_seconds(outcome)
+    return totals
+
+
+async def _next_item(stream) -> GenerationDelta:
+    return await (await stream.__anext__())
+
+
+def _failure(task: asyncio.Future) -> BaseException | None:
+    if not task.done() or task.cancelled():
+        return None
+    return task.exception()
+
+
+def _abandon(request_id: str, replica: Replica, stream, vision_task: asyncio.Future | None) -> None:
+    """Cancels whatever is still running for `request_id` on both sides, without waiting."""
+    if vision_task is not None:
+        vision_task.cancel()
+        vision_task.add_done_callback(_failure)  # a failure nobody waits for any more is not an error
+    if stream is not None:
+        ray.cancel(stream)
+    if replica.alive:
+        replica.handle.cancel.remote(request_id)
+
+
+async def _load_tokenizer(model: str):
+    # Imported on the event loop's thread: transformers' lazy imports are not safe to race from worker threads.
+    from transformers import AutoTokenizer
+
+    spec = CheckpointSpec.from_dir(model)
+    return await asyncio.to_thread(AutoTokenizer.from_pretrained, model, trust_remote_code=spec.fmt == "chat")
+
+
+async def _wait_ready(pools: dict[str, ReplicaPool], timeout_s: float, report: Callable[[str], None]) -> None:
+    started = time.monotonic()
+
+    async def remind() -> None:
+        while True:
+            await asyncio.sleep(STARTUP_REPORT_INTERVAL_S)
+            waiting = [replica.name for pool in pools.values() for replica in pool.replicas if not replica.alive]
+            report(f"still loading after {time.monotonic() - started:.0f} s: {', '.join(waiting)}")
+
+    reminder = asyncio.create_task(remind())
+    try:
+        async with asyncio.timeout(timeout_s):
+            await asyncio.gather(*(pool.wait_ready(report) for pool in pools.values()))
+    except TimeoutError:
+        raise RuntimeError(
+            f"replicas did not become ready within {timeout_s:.0f} s (not enough resources to place them?)"
+        ) from None
+    finally:
+        reminder.cancel()
+
+
+async def _stop_pools(pools: dict[str, ReplicaPool]) -> None:
+    await asyncio.gather(*(pool.stop() for pool in pools.values()), return_exceptions=True)
