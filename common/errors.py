@@ -22,6 +22,10 @@ class ServingError(Exception):
         self.code = code
         self.param = param
 
+    def __reduce__(self):
+        # Keyword-only `code`/`param` need an explicit recipe to cross process boundaries (Ray, multiprocessing).
+        return (_rebuild, (type(self), self.message, self.code, self.param))
+
     def with_param(self, param: str) -> "ServingError":
         """The same error attributed to a request field (e.g. once the gateway knows which content part failed)."""
         return type(self)(self.message, code=self.code, param=param)
@@ -74,3 +78,7 @@ class UnavailableError(ServingError):
 def error_body(message: str, *, error_type: str, code: str, param: str | None = None) -> dict[str, Any]:
     """`{"error": {"message", "type", "param", "code"}}`, the shape OpenAI clients parse."""
     return {"error": {"message": message, "type": error_type, "param": param, "code": code}}
+
+
+def _rebuild(cls: type[ServingError], message: str, code: str, param: str | None) -> ServingError:
+    return cls(message, code=code, param=param)

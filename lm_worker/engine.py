@@ -109,6 +109,7 @@ class LanguageEngine:
             engine_prompt["multi_modal_data"] = {"image": [image.to(self.dtype) for image in images]}
         params = to_vllm_sampling_params(sampling)
         first = True
+        finished = False
         try:
             async for output in self._engine.generate(engine_prompt, params, request_id):
                 completion = output.outputs[0]
@@ -120,10 +121,8 @@ class LanguageEngine:
                     logprobs=_plain_logprobs(completion.logprobs),
                 )
                 first = False
+                finished = output.finished
                 yield delta
-        except asyncio.CancelledError:
-            await self.abort(request_id)
-            raise
         except ValueError as error:
             # vLLM rejects a prompt it cannot fit (context length, placeholder mismatch) with ValueError.
             logger.info("request %s rejected by the engine: %s", request_id, error)
@@ -131,10 +130,16 @@ class LanguageEngine:
                 "The request does not fit the model (context length or image placeholders).",
                 code="engine_rejected_prompt",
             ) from error
+        except (asyncio.CancelledError, GeneratorExit):
+            raise
         except Exception as error:
             if self._engine.errored:
                 raise UnavailableError("The language engine stopped.", code="engine_dead") from error
             raise
+        finally:
+            # Cancelled, closed early by the consumer, or failed: free the engine's slot and KV blocks.
+            if not finished and not self._engine.errored:
+                await asyncio.shield(self.abort(request_id))
 
     async def abort(self, request_id: str) -> None:
         await self._engine.abort(request_id)

@@ -85,7 +85,11 @@ class LanguageWorker:
         """Stream the answer to `job` once its `expected_images` embeddings have arrived."""
         started = time.monotonic()
         try:
-            received = await self.store.take(job.request_id, expected_images, timeout=self.config.embeddings_wait_s)
+            received = (
+                await self.store.take(job.request_id, expected_images, timeout=self.config.embeddings_wait_s)
+                if expected_images
+                else []
+            )
             prompt = render_prompt(self.engine.tokenizer, job.messages, self.engine.spec)
             images = [item.embeddings for item in received]
         except BaseException:
@@ -103,7 +107,9 @@ class LanguageWorker:
                     embedding_bytes=sum(image.numel() * image.element_size() for image in images),
                 )
             if delta.finish_reason is not None:
-                delta.timings = StageTimings(inference_s=now - first_token_at)
+                timings = delta.timings or StageTimings()
+                timings.inference_s = now - first_token_at
+                delta.timings = timings
             yield delta
 
     async def cancel(self, request_id: str) -> None:

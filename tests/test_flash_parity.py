@@ -30,6 +30,8 @@ from tests.router_reference import reference_decisions, reference_p0
 RELATIVE, ABSOLUTE = 0.33, 0.0
 MAX_TOKENS = 8
 REQUESTS: list[tuple[int, ...]] = [(1,), (5,), (13,), (3, 7), (1, 5, 3)]
+# 22 images in 10 requests for the vision-side parity (no language engine involved, so this stays cheap).
+VISION_REQUESTS: list[tuple[int, ...]] = REQUESTS + [(10,), (7, 7), (13, 1), (3, 5, 10, 1), (5, 3)]
 
 
 def _vision_config(model) -> VisionWorkerConfig:
@@ -38,8 +40,8 @@ def _vision_config(model) -> VisionWorkerConfig:
     ))
 
 
-def _images():
-    return {tiles: synthetic_image(*SIZES_BY_TILES[tiles], seed=100 + tiles) for tiles in SIZES_BY_TILES}
+def _images(seed: int = 100):
+    return {tiles: synthetic_image(*SIZES_BY_TILES[tiles], seed=seed + tiles) for tiles in SIZES_BY_TILES}
 
 
 class TransformersFlashReference:
@@ -116,18 +118,22 @@ def _parts(tiles: tuple[int, ...], images, detail=Detail.AUTO):
 
 
 def test_vision_worker_matches_the_published_router_and_projectors(tiny_flash_checkpoint, reference):
-    images = _images()
+    # Each request draws its images from its own seed, so the 22 images all differ.
+    request_images = [_images(seed=1000 * (index + 1)) for index in range(len(VISION_REQUESTS))]
 
     async def run():
         worker = VisionWorker.load(_vision_config(tiny_flash_checkpoint))
         try:
-            return [await worker.encode(_parts(tiles, images)) for tiles in REQUESTS]
+            return [
+                await worker.encode(_parts(tiles, images))
+                for tiles, images in zip(VISION_REQUESTS, request_images, strict=True)
+            ]
         finally:
             await worker.close()
 
     ours = asyncio.run(run())
     compressed = total = 0
-    for tiles, encoded in zip(REQUESTS, ours, strict=True):
+    for tiles, images, encoded in zip(VISION_REQUESTS, request_images, ours, strict=True):
         expected, flags = reference.encode([images[t] for t in tiles])
         assert [list(image.tokens_per_tile) for image in encoded] == [[64 if f else 256 for f in fl] for fl in flags]
         for image, want in zip(encoded, expected, strict=True):
