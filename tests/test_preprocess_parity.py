@@ -8,6 +8,7 @@ References (the same callables the benchmark times):
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from types import SimpleNamespace
 
 import numpy as np
@@ -130,8 +131,6 @@ def test_thread_count_does_not_change_a_single_value(parity_images, num_threads)
 
 
 def test_concurrent_callers_share_one_preprocessor(parity_images):
-    from concurrent.futures import ThreadPoolExecutor
-
     images = parity_images[12:20]
     with ImagePreprocessor(PreprocessConfig(style="hf")) as preprocessor:
         expected = preprocessor.preprocess(images)
@@ -237,3 +236,28 @@ def test_invalid_inputs_are_refused():
             preprocessor.preprocess([Image.new("RGB", (8, 8))], max_tiles=[1, 2])
         with pytest.raises(ValueError):
             preprocessor.preprocess([Image.new("RGB", (8, 8))], max_tiles=[0])
+
+
+# ---- failures ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("num_threads", [1, 2])
+def test_a_failing_unit_is_raised_to_the_caller(monkeypatch, num_threads):
+    preprocessor = ImagePreprocessor(PreprocessConfig(style="chat", num_threads=num_threads))
+
+    def broken_resize(source, width, height):
+        raise RuntimeError("resize failed")
+
+    monkeypatch.setattr(preprocessor._resampler, "resize", broken_resize)
+    with pytest.raises(RuntimeError, match="resize failed"):
+        preprocessor.preprocess([Image.new("RGB", (900, 500)), Image.new("RGB", (30, 30))])
+    preprocessor.close()
+
+
+@pytest.mark.timeout(60)
+def test_a_closed_preprocessor_refuses_work_instead_of_hanging():
+    preprocessor = ImagePreprocessor(PreprocessConfig(style="hf", num_threads=2))
+    preprocessor.close()
+    with pytest.raises(RuntimeError):
+        preprocessor.preprocess([Image.new("RGB", (900, 500))])

@@ -1,15 +1,17 @@
 """Decoded RGB images -> normalised tiles `[tiles, 3, tile_size, tile_size]` float32, exactly as the checkpoint's
 reference preprocessing (see `preprocess_styles` for what "chat" and "hf" reproduce), spread over a thread pool.
 
-A batch becomes small work units: one resize of the tile canvas per image, one thumbnail (resize + normalise) per
-image, and one normalisation per grid tile, submitted as soon as its canvas is ready. Every unit runs in Pillow,
-torch or numpy C code with the GIL released, so units of the same and of different images overlap; each writes
-straight into its slice of the image's preallocated output tensor. Largest canvases are started first.
+A batch becomes small work units: per image a preparation (the resampler's input, e.g. the uint8 tensor), which
+unlocks the resize of the tile canvas and the thumbnail (resize + normalise); each canvas unlocks one normalisation
+per grid tile. A unit is submitted as soon as what it needs is ready, largest images first. Every unit runs in
+Pillow, torch or numpy C code with the GIL released, so units of the same and of different images overlap, and
+each writes straight into its slice of the image's preallocated output tensor.
 """
 
 from __future__ import annotations
 
-from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import partial
 from typing import Any, Callable, Sequence
@@ -107,7 +109,8 @@ class ImagePreprocessor:
             raise ValueError(f"got {len(max_tiles)} max_tiles overrides for {len(images)} images")
         overrides = max_tiles if max_tiles is not None else [None] * len(images)
         jobs = [self._job(image, override) for image, override in zip(images, overrides)]
-        self._run(jobs)
+        largest_first = sorted(jobs, key=self._pixel_work, reverse=True)
+        _run_units([partial(self._prepare, job) for job in largest_first], self._pool)
         return [job.tiles for job in jobs]
 
     def close(self) -> None:
@@ -123,43 +126,25 @@ class ImagePreprocessor:
     def _job(self, image: Image.Image, max_tiles: int | None) -> "_ImageJob":
         if image.mode != "RGB":
             raise ValueError(f"expected an RGB image, got mode {image.mode!r} (decode with image_decode)")
+        image.load()  # here, not in a worker: a lazily opened file must not be decoded by two threads at once
         plan = self.plan(image.width, image.height, max_tiles)
         size = self.config.tile_size
         tiles = torch.empty((plan.num_tiles, 3, size, size), dtype=torch.float32)
-        return _ImageJob(image=image, plan=plan, tiles=tiles, source=self._resampler.prepare(image))
+        return _ImageJob(image=image, plan=plan, tiles=tiles)
 
-    def _run(self, jobs: list["_ImageJob"]) -> None:
-        resizes = sorted(
-            (unit for job in jobs for unit in self._resize_units(job)), key=lambda unit: -unit.cost
-        )
-        if self._pool is None:
-            for unit in resizes:
-                for follow_up in unit.work() or ():
-                    follow_up()
-            return
-        pending: set[Future] = {self._pool.submit(unit.work) for unit in resizes}
-        while pending:
-            done, pending = wait(pending, return_when=FIRST_COMPLETED)
-            for future in done:
-                for follow_up in future.result() or ():
-                    pending.add(self._pool.submit(follow_up))
+    def _pixel_work(self, job: "_ImageJob") -> int:
+        return job.image.width * job.image.height + job.plan.num_tiles * self.config.tile_size**2
 
-    def _resize_units(self, job: "_ImageJob") -> list["_ResizeUnit"]:
-        """The canvas resize (whose result fans out into per-tile units) and the thumbnail of one image."""
-        size = self.config.tile_size
-        cols, rows = job.plan.grid
-        in_pixels = job.image.width * job.image.height
-        units = [
-            _ResizeUnit(
-                cost=in_pixels + cols * rows * size * size,
-                work=lambda: self._canvas_tiles(job),
-            )
-        ]
+    def _prepare(self, job: "_ImageJob") -> list["_Unit"]:
+        """Unit: the resampler's per-image preparation; unlocks the canvas and the thumbnail."""
+        job.source = self._resampler.prepare(job.image)
+        unlocked: list[_Unit] = [partial(self._canvas_tiles, job)]
         if job.plan.thumbnail:
-            units.append(_ResizeUnit(cost=in_pixels + size * size, work=lambda: self._thumbnail(job)))
-        return units
+            unlocked.append(partial(self._thumbnail, job))
+        return unlocked
 
-    def _canvas_tiles(self, job: "_ImageJob") -> list[Callable[[], None]]:
+    def _canvas_tiles(self, job: "_ImageJob") -> list["_Unit"]:
+        """Unit: resize to the tile grid; unlocks one normalisation per grid tile."""
         size = self.config.tile_size
         cols, rows = job.plan.grid
         canvas = self._resampler.resize(job.source, cols * size, rows * size)  # [rows*s, cols*s, 3] uint8
@@ -170,20 +155,80 @@ class ImagePreprocessor:
         ]
 
     def _thumbnail(self, job: "_ImageJob") -> None:
+        """Unit: the whole image as the last tile."""
         size = self.config.tile_size
         thumbnail = self._resampler.resize(job.source, size, size)  # [s, s, 3] uint8
         self._normalise(thumbnail.transpose(2, 0, 1), job.tiles.numpy()[-1])
+
+
+# A piece of work for the pool; it returns the units it made possible (none when it is a leaf).
+_Unit = Callable[[], "list[_Unit] | None"]
 
 
 @dataclass(slots=True)
 class _ImageJob:
     image: Image.Image
     plan: TilePlan
-    tiles: torch.Tensor  # [tiles, 3, s, s] float32, filled in place
-    source: object  # what the resampler prepared from `image`
+    tiles: torch.Tensor  # [tiles, 3, s, s] float32, filled in place by the units
+    source: object = None  # what the resampler prepared from `image`, set by the prepare unit
 
 
-@dataclass(frozen=True, slots=True)
-class _ResizeUnit:
-    cost: int  # rough pixel work, to start the largest first
-    work: Callable[[], list[Callable[[], None]] | None]  # returns follow-up units, if any
+def _run_units(units: list[_Unit], pool: ThreadPoolExecutor | None) -> None:
+    """Run `units` and, transitively, every unit they unlock: on `pool`, or depth-first in this thread."""
+    if pool is None:
+        stack = list(reversed(units))
+        while stack:
+            stack.extend(reversed(stack.pop()() or ()))
+        return
+    _PoolRun(pool).run(units)
+
+
+class _PoolRun:
+    """One batch on the pool. Workers submit the units they unlock themselves, so the caller only waits.
+
+    `_outstanding` counts units submitted and not yet finished, plus one while the caller is still submitting; a
+    unit submits what it unlocks before it counts itself finished, so the count reaches zero exactly once.
+    """
+
+    def __init__(self, pool: ThreadPoolExecutor) -> None:
+        self._pool = pool
+        self._lock = threading.Lock()
+        self._outstanding = 1  # the caller's own share until all first units are submitted
+        self._finished = threading.Event()
+        self._error: BaseException | None = None
+
+    def run(self, units: list[_Unit]) -> None:
+        try:
+            self._submit(units)
+        except BaseException as error:  # noqa: BLE001 - re-raised below once submitted units are done
+            self._error = error
+        self._count_finished()
+        self._finished.wait()
+        if self._error is not None:
+            raise self._error
+
+    def _submit(self, units: list[_Unit]) -> None:
+        for unit in units:
+            with self._lock:
+                self._outstanding += 1
+            try:
+                self._pool.submit(self._execute, unit)
+            except BaseException:  # e.g. the pool was shut down: this unit will never run
+                self._count_finished()
+                raise
+
+    def _execute(self, unit: _Unit) -> None:
+        try:
+            unlocked = unit()
+            if unlocked and self._error is None:
+                self._submit(unlocked)
+        except BaseException as error:  # noqa: BLE001 - handed to the waiting caller
+            self._error = self._error or error
+        finally:
+            self._count_finished()
+
+    def _count_finished(self) -> None:
+        with self._lock:
+            self._outstanding -= 1
+            if self._outstanding == 0:
+                self._finished.set()

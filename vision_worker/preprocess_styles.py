@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 Style = Literal["chat", "hf"]
-PIXEL_MAX = 255
+_PIXEL_MAX_F32 = np.float32(255)
 
 
 class Resampler(Protocol):
@@ -71,28 +71,28 @@ class TorchAntialiasedBicubic:
 class TileNormaliser:
     """uint8 CHW tile -> float32 CHW, in the reference's exact order of float32 operations."""
 
-    rescale_first: bool
-    offset: np.ndarray  # [3, 1, 1] float32
-    divisor: np.ndarray  # [3, 1, 1] float32
+    rescale_first: bool  # chat: x / 255 first; hf: the rescale is folded into offset and divisor
+    offset: np.ndarray  # [3] float32
+    divisor: np.ndarray  # [3] float32
 
     @classmethod
     def for_style(cls, style: Style, mean: tuple[float, ...], std: tuple[float, ...]) -> "TileNormaliser":
-        mean_f32 = np.asarray(mean, dtype=np.float32).reshape(3, 1, 1)
-        std_f32 = np.asarray(std, dtype=np.float32).reshape(3, 1, 1)
+        mean_f32 = np.asarray(mean, dtype=np.float32)
+        std_f32 = np.asarray(std, dtype=np.float32)
         if style == "chat":
             return cls(rescale_first=True, offset=mean_f32, divisor=std_f32)
-        # transformers folds the 1/255 rescale into mean and std (computed in float32)
-        pixel_max = np.float32(PIXEL_MAX)
-        return cls(rescale_first=False, offset=mean_f32 * pixel_max, divisor=std_f32 * pixel_max)
+        # transformers multiplies mean and std by 1 / rescale_factor = 255 in float32
+        return cls(rescale_first=False, offset=mean_f32 * _PIXEL_MAX_F32, divisor=std_f32 * _PIXEL_MAX_F32)
 
     def __call__(self, tile: np.ndarray, out: np.ndarray) -> None:
         """Write the normalised `tile` ([3, s, s] uint8, any strides) into `out` ([3, s, s] float32)."""
-        if self.rescale_first:
-            np.divide(tile, np.float32(PIXEL_MAX), out=out, dtype=np.float32)
-            out -= self.offset
-        else:
-            np.subtract(tile, self.offset, out=out, dtype=np.float32)
-        out /= self.divisor
+        for channel in range(3):  # one [s, s] plane at a time stays in cache across the in-place passes
+            plane = out[channel]
+            np.copyto(plane, tile[channel], casting="unsafe")  # uint8 -> float32 is exact
+            if self.rescale_first:
+                plane /= _PIXEL_MAX_F32
+            plane -= self.offset[channel]
+            plane /= self.divisor[channel]
 
 
 def resampler_for(style: Style) -> Resampler:
