@@ -9,12 +9,13 @@ from collections.abc import Sequence
 
 def build_parser() -> argparse.ArgumentParser:
     from dvd_serve.common.checkpoint import cli as checkpoint_cli
-    from dvd_serve.server import serve
+    from dvd_serve.server import bench_cli, serve
 
     parser = argparse.ArgumentParser(prog="dvd-serve", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     checkpoint_cli.add_parser(commands)
     serve.add_parser(commands)
+    bench_cli.add_parser(commands)
     return parser
 
 
