@@ -108,7 +108,8 @@ class LanguageWorker:
                 )
             if delta.finish_reason is not None:
                 timings = delta.timings or StageTimings()
-                timings.inference_s = now - first_token_at
+                # One delta can carry every token (vLLM coalesces outputs under load): then count from submission.
+                timings.inference_s = now - (first_token_at if now > first_token_at else started + waited)
                 delta.timings = timings
             yield delta
 

@@ -40,7 +40,8 @@ async def generate_with_embeddings(
             timings.queue_s = now - started
             delta.timings = dataclasses.replace(timings)
         if delta.finish_reason is not None:
-            timings.inference_s = now - first_token_at
+            # One delta can carry every token (vLLM coalesces outputs under load): then count from submission.
+            timings.inference_s = now - (first_token_at if now > first_token_at else started)
             delta.timings = dataclasses.replace(timings)
         yield delta
 
