@@ -12,12 +12,14 @@ the CSV/JSON of every level and the throughput-vs-TTFT-p90 plots.
 from __future__ import annotations
 
 import math
+import os
 import shutil
 import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, field_validator
 
@@ -39,7 +41,9 @@ class BenchConfig(FrozenConfig):
 
     shape: str = Field(default="tiny", description="Checkpoint shape to generate (see `make-checkpoint --shape`).")
     seed: int = Field(default=0, ge=0, description="Seed of the checkpoint weights and of the whole workload.")
-    checkpoint_dtype: str = Field(default="float32", description="dtype the generated checkpoints are stored in.")
+    checkpoint_dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        default="float32", description="dtype the generated checkpoints are stored in (compute dtype: server.dtype)."
+    )
     checkpoint_dir: str | None = Field(
         default=None,
         description="Folder to generate the checkpoints into, or to reuse them from; None = the dvd-serve cache.",
@@ -80,6 +84,7 @@ class BenchConfig(FrozenConfig):
         return WorkloadConfig(
             resolution=resolution, images_per_request=self.images_per_request, text_only_share=self.text_only_share,
             num_requests=num_requests, max_tokens=self.max_tokens, seed=self.seed,
+            logprobs=True,  # TTFT times the first token even where random weights produce no text yet
         )
 
     def parity_workload(self, resolution: int) -> WorkloadConfig:
@@ -109,6 +114,7 @@ class LevelResult:
     rate: float
     summary: LoadSummary
     stages: dict[str, float]
+    load_average: float = math.nan  # 1-minute load average of the machine right after the level (all processes)
 
 
 @dataclass
@@ -202,7 +208,7 @@ def run_system(key: str, config: BenchConfig, checkpoints: dict[str, Path], data
                 samples = run_load(run, load, raw / "samples" / key / f"{resolution}px-{plan.rate:g}rps.jsonl")
                 stages = stage_means(before, scrape(server.base_url))
                 summary = summarize(samples)
-                result.levels.append(LevelResult(key, resolution, plan.rate, summary, stages))
+                result.levels.append(LevelResult(key, resolution, plan.rate, summary, stages, os.getloadavg()[0]))
                 report(f"{system.label} {resolution}px {plan.rate:g} req/s offered: "
                        f"{summary.request_throughput:.2f} req/s, TTFT p90 {summary.ttft.p90 * 1000:.0f} ms, "
                        f"{summary.failed} failed of {summary.requests}")

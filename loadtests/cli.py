@@ -42,6 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--text-only-share", type=float, default=0.0, help="share of requests without images")
     parser.add_argument("--detail", choices=("auto", "low", "high"), help="image_url.detail of every image")
     parser.add_argument("--max-tokens", type=int, default=32, help="output tokens per request (default 32)")
+    parser.add_argument("--logprobs", action="store_true",
+                        help="ask for logprobs: TTFT then times the first token even before it is text")
     parser.add_argument("--temperature", type=float, default=0.0, help="sampling temperature (default 0)")
     parser.add_argument("--seed", type=int, default=0, help="workload and arrival seed (default 0)")
     parser.add_argument("--num-requests", type=int,
@@ -69,7 +71,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         workload = WorkloadConfig(
             resolution=args.resolution, images_per_request=args.images_per_request,
             text_only_share=args.text_only_share, num_requests=max(requests, 1), max_tokens=args.max_tokens,
-            temperature=args.temperature, detail=args.detail, seed=args.seed,
+            temperature=args.temperature, detail=args.detail, seed=args.seed, logprobs=args.logprobs,
         )
         run = LoadRunConfig(
             base_url=args.url, model=args.model or served_model(args.url, args.api_key), api_key=args.api_key,

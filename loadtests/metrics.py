@@ -1,7 +1,8 @@
 """Raw per-request samples and the exact statistics computed from them (no histogram buckets anywhere).
 
 Definitions (as `vllm bench serve` and the peers use them):
-- TTFT: request sent -> first streamed chunk with non-empty `content`.
+- TTFT: request sent -> first streamed chunk with non-empty `content` (or, for requests that ask for logprobs, with
+  the first token's logprob: see `stream.py`).
 - TPOT: (E2E - TTFT) / (output tokens - 1), per request, for requests with at least two output tokens.
 - E2E: request sent -> end of the stream (`data: [DONE]`).
 - Percentiles: linear interpolation between the two nearest ranks of the sorted raw values (numpy's default).
@@ -29,7 +30,7 @@ class RequestSample:
     request_index: int  # line of the dataset file it came from
     start_s: float  # wall clock (epoch seconds) when it was sent
     e2e_s: float  # sent -> stream end, or -> failure
-    ttft_s: float | None  # sent -> first non-empty content; None if no content arrived
+    ttft_s: float | None  # sent -> first output (content, or a logprob entry); None if none arrived
     output_tokens: int  # `usage.completion_tokens`, else the number of content chunks
     prompt_tokens: int  # `usage.prompt_tokens`, 0 when the server did not report it
     status: str  # "ok", "http_<code>", "stream_error", "connection_error", "timeout", "client_error", "incomplete"
@@ -85,7 +86,7 @@ class LoadSummary:
     succeeded: int
     failed: int
     fail_ratio: float
-    without_content: int  # succeeded requests whose stream never carried content (no TTFT)
+    without_output: int  # succeeded requests whose stream carried no output chunk (no TTFT)
     duration_s: float
     request_throughput: float  # successful requests / s
     output_token_throughput: float  # output tokens of successful requests / s
@@ -101,7 +102,7 @@ class LoadSummary:
         """Scalar fields and `<latency>_<stat>_ms` columns, for CSV rows and tables."""
         row: dict[str, float | int] = {
             name: getattr(self, name)
-            for name in ("requests", "succeeded", "failed", "fail_ratio", "without_content", "duration_s",
+            for name in ("requests", "succeeded", "failed", "fail_ratio", "without_output", "duration_s",
                          "request_throughput", "output_token_throughput", "mean_output_tokens",
                          "mean_prompt_tokens", "mean_visual_tokens")
         }
@@ -139,7 +140,7 @@ def summarize(samples: Sequence[RequestSample]) -> LoadSummary:
         succeeded=len(succeeded),
         failed=len(samples) - len(succeeded),
         fail_ratio=(len(samples) - len(succeeded)) / len(samples) if samples else 0.0,
-        without_content=sum(1 for s in succeeded if s.ttft_s is None),
+        without_output=sum(1 for s in succeeded if s.ttft_s is None),
         duration_s=duration,
         request_throughput=len(succeeded) / duration if duration > 0 else 0.0,
         output_token_throughput=output_tokens / duration if duration > 0 else 0.0,

@@ -103,9 +103,11 @@ def stage_table(result: BenchResult) -> list[str]:
 def levels_table(result: BenchResult) -> list[str]:
     rows = [[SYSTEMS[level.system].label, str(level.resolution), f"{level.rate:g}",
              _num(summary.request_throughput), _num(summary.output_token_throughput, 1), _ms(summary.ttft.p90),
-             _ms(summary.e2e.p90), f"{summary.failed}/{summary.requests}"]
+             _ms(summary.e2e.p90), f"{summary.failed}/{summary.requests}", _num(level.load_average)]
             for level in result.levels if (summary := level.summary)]
-    return _table(["system", "px", "offered req/s", "req/s", "out tok/s", "TTFT p90 ms", "E2E p90 ms", "failed"], rows)
+    header = ["system", "px", "offered req/s", "req/s", "out tok/s", "TTFT p90 ms", "E2E p90 ms", "failed",
+              "load avg after"]
+    return _table(header, rows)
 
 
 def parity_lines(result: BenchResult) -> list[str]:
@@ -126,7 +128,8 @@ def markdown(result: BenchResult, facts: Mapping[str, str]) -> str:
         "Machine and software: " + ", ".join(f"{key} {value}" for key, value in facts.items()) + ".", "",
         f"Workload: seed {config.seed}; open-loop Poisson arrivals for {config.duration_s:g} s per level; "
         f"{config.images_per_request} image(s) per request, {config.text_only_share:.0%} text-only; "
-        f"{config.max_tokens} output tokens (temperature 0, ignore_eos); square synthetic PNG data URLs; every "
+        f"{config.max_tokens} output tokens (temperature 0, ignore_eos, logprobs on, so TTFT is the first streamed "
+        f"token even where random weights produce no text yet); square synthetic PNG data URLs; every "
         f"request distinct. Engines: dtype {config.server.dtype}, max_model_len {config.server.max_model_len}, "
         f"max_num_seqs {config.server.max_num_seqs}. Server start-up: "
         + ", ".join(f"{SYSTEMS[key].label} {seconds:.0f} s" for key, seconds in result.startup_s.items())
@@ -146,14 +149,15 @@ def markdown(result: BenchResult, facts: Mapping[str, str]) -> str:
     if result.failed_systems:
         lines += ["Systems that did not complete:", "",
                   *(f"- {SYSTEMS[key].label}: {why}" for key, why in result.failed_systems.items()), ""]
-    lines += ["All levels:", "", *levels_table(result), ""]
+    lines += ["All levels (load avg: the machine's 1-minute load average right after the level, this benchmark's "
+              "own processes included; the machine has other users):", "", *levels_table(result), ""]
     return "\n".join(lines)
 
 
 def level_rows(result: BenchResult) -> list[dict]:
     """One flat row per level (summary and stage means), for CSV."""
     return [{"system": level.system, "resolution": level.resolution, "offered_rate": level.rate,
-             **level.summary.flat(), **{f"stage_{name}": value for name, value in level.stages.items()}}
+             "load_average": level.load_average, **level.summary.flat(), **{f"stage_{name}": value for name, value in level.stages.items()}}
             for level in result.levels]
 
 

@@ -1,4 +1,9 @@
-"""Reads an OpenAI chat completion event stream as bytes arrive, noting when the first content came.
+"""Reads an OpenAI chat completion event stream as bytes arrive, noting when the first output came.
+
+First output = the first chunk with non-empty `content`, or with `logprobs` entries. Servers send logprobs with
+every token when the request asks for them, also for tokens that are not text yet (part of a UTF-8 character, or
+ids a random-weight model picks outside its small tokenizer); so a request with logprobs times its first token
+even when its text stays empty, and a request without them times its first non-empty content.
 
 Pure and clock-free: the caller passes the time each network chunk arrived, so tests can feed synthetic streams.
 """
@@ -15,7 +20,7 @@ DONE = "[DONE]"
 class StreamOutcome:
     """What one stream carried, with times in the caller's clock."""
 
-    first_content_at: float | None = None
+    first_output_at: float | None = None
     content_chunks: int = 0
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
@@ -66,7 +71,7 @@ class ChatStreamReader:
         if content:
             self.outcome.content_chunks += 1
             self.outcome.text += content
-            if self.outcome.first_content_at is None:
-                self.outcome.first_content_at = arrived_at
-        logprobs = choice.get("logprobs") or {}
-        self.outcome.logprob_tokens.extend(entry["token"] for entry in logprobs.get("content") or ())
+        entries = (choice.get("logprobs") or {}).get("content") or ()
+        self.outcome.logprob_tokens.extend(entry["token"] for entry in entries)
+        if (content or entries) and self.outcome.first_output_at is None:
+            self.outcome.first_output_at = arrived_at

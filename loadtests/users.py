@@ -99,7 +99,7 @@ class ChatRequestSender:
                 request_index=request_index,
                 start_s=started_wall,
                 e2e_s=time.perf_counter() - started,
-                ttft_s=outcome.first_content_at,
+                ttft_s=outcome.first_output_at,
                 output_tokens=outcome.completion_tokens if outcome.completion_tokens is not None
                 else outcome.content_chunks,
                 prompt_tokens=outcome.prompt_tokens or 0,

@@ -8,7 +8,7 @@ The last stdout line is JSON with the headline ratios. Exit status 0 only if eve
 within --max-fail-ratio and every parity check passed.
 
     dvd-serve bench --out loadtests/results/tiny
-    dvd-serve bench --shape 1b --resolutions 448 --rates 448=0.05,0.1 --duration 60 --kv-cache-gib 4
+    dvd-serve bench --shape 1b --checkpoint-dtype bfloat16 --resolutions 448 --rates 448=0.04,0.08 --duration 60
 """
 
 from __future__ import annotations
@@ -48,6 +48,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                         help="compute dtype of every system (default auto: bfloat16 with GPUs, else float32)")
     parser.add_argument("--max-num-seqs", type=int, default=64, help="requests an engine decodes together")
     parser.add_argument("--kv-cache-gib", type=float, default=1.0, help="vLLM CPU KV cache per engine (GiB)")
+    parser.add_argument("--checkpoint-dtype", default="float32", choices=("float32", "bfloat16", "float16"),
+                        help="dtype the generated checkpoints are stored in (default float32)")
     parser.add_argument("--checkpoint-dir", help="generate checkpoints here or reuse them (default: the cache)")
     parser.add_argument("--out", default="bench-results", help="output folder (default bench-results)")
     parser.add_argument("--max-fail-ratio", type=float, default=0.0, help="failed share a level may have")
@@ -83,6 +85,7 @@ def config_from_args(args: argparse.Namespace):
     dtype = args.dtype if args.dtype != "auto" else "bfloat16" if gpus else "float32"
     document: dict = {
         "shape": args.shape, "seed": args.seed, "out_dir": args.out, "checkpoint_dir": args.checkpoint_dir,
+        "checkpoint_dtype": args.checkpoint_dtype,
         "rates": {**DEFAULT_RATES, **dict(args.rates)}, "duration_s": args.duration,
         "drain_timeout_s": args.drain_timeout, "max_tokens": args.max_tokens,
         "images_per_request": args.images_per_request, "text_only_share": args.text_only_share,

@@ -84,7 +84,7 @@ def test_ttft_tpot_e2e_from_synthetic_samples():
     assert (summary.requests, summary.succeeded, summary.failed) == (5, 4, 1)
     assert summary.fail_ratio == pytest.approx(0.2)
     assert summary.failures == {"http_503": 1}
-    assert summary.without_content == 1
+    assert summary.without_output == 1
     assert summary.duration_s == pytest.approx(102.5 - 100.0)  # first start to the last end (sample 1)
     assert summary.request_throughput == pytest.approx(4 / 2.5)
     assert summary.output_token_throughput == pytest.approx((9 + 4 + 1 + 2) / 2.5)
@@ -128,11 +128,21 @@ def test_stream_reader_times_first_non_empty_content_across_split_chunks():
     cut = stream.index(b"Hel") + 2  # the first content event arrives in two pieces
     reader.feed(stream[:40], 0.1)
     reader.feed(stream[40:cut], 0.2)
-    assert reader.outcome.first_content_at is None
+    assert reader.outcome.first_output_at is None
     reader.feed(stream[cut:], 0.35)
     outcome = reader.outcome
-    assert (outcome.first_content_at, outcome.content_chunks, outcome.text) == (0.35, 2, "Hello")
+    assert (outcome.first_output_at, outcome.content_chunks, outcome.text) == (0.35, 2, "Hello")
     assert (outcome.prompt_tokens, outcome.completion_tokens, outcome.done, outcome.error) == (300, 7, True, None)
+
+
+def test_stream_reader_times_the_first_logprob_when_tokens_are_not_text_yet():
+    empty_with_logprob = {"choices": [{"delta": {"content": ""}, "logprobs": {"content": [{"token": "", "logprob": -1}]}}]}
+    reader = ChatStreamReader()
+    reader.feed(_event(_delta("")), 0.1)
+    reader.feed(_event(empty_with_logprob), 0.2)
+    reader.feed(_event(_delta("x")), 0.3)
+    assert (reader.outcome.first_output_at, reader.outcome.content_chunks) == (0.2, 1)
+    assert reader.outcome.logprob_tokens == [""]
 
 
 def test_stream_reader_reports_error_events_and_crlf():
