@@ -22,13 +22,12 @@ from dvd_serve.proto.framing import ChunkLayout, DeclaredTensor, checksum, tenso
 DtypeName = Literal["bfloat16", "float16", "float32"]
 
 _REQUEST_ID_PATTERN = re.compile(r"[A-Za-z0-9._:-]{1,128}")
-# Per dtype: unsigned integer view, mask clearing the sign bit, smallest masked value that is Inf or NaN.
-_NON_FINITE_BITS: dict[torch.dtype, tuple[type[np.unsignedinteger], int, int]] = {
-    torch.bfloat16: (np.uint16, 0x7FFF, 0x7F80),
-    torch.float16: (np.uint16, 0x7FFF, 0x7C00),
-    torch.float32: (np.uint32, 0x7FFFFFFF, 0x7F800000),
+# Per dtype: unsigned and signed integer views of its width, and the bit pattern of +Inf (all exponent bits set).
+_NON_FINITE_BITS: dict[torch.dtype, tuple[type[np.unsignedinteger], type[np.signedinteger], int]] = {
+    torch.bfloat16: (np.uint16, np.int16, 0x7F80),
+    torch.float16: (np.uint16, np.int16, 0x7C00),
+    torch.float32: (np.uint32, np.int32, 0x7F800000),
 }
-_FINITE_SCAN_BLOCK_BYTES = 1 << 18
 
 
 class EmbeddingLimits(FrozenConfig):
@@ -142,23 +141,20 @@ def validate_stream_complete(layout: ChunkLayout, received_chunks: int) -> None:
 
 
 def all_finite(data: memoryview | bytes, dtype: torch.dtype) -> bool:
-    """Whether the little-endian elements in `data` are all finite, judged from their exponent bits.
+    """Whether the little-endian elements in `data` are all finite, judged from their bit patterns.
 
-    Same answer as `torch.isfinite(t).all()`, about 25x faster for bf16 on CPU: a NaN or Inf has every exponent
-    bit set, so with the sign bit cleared its bit pattern is at least the pattern of +Inf. Scanned in blocks
-    through a small scratch buffer that stays in cache.
+    Same answer as `torch.isfinite(t).all()`, far faster for bf16 on CPU. NaN and Inf are exactly the values
+    whose exponent bits are all set: bit patterns from +Inf up to the sign bit (positive), and from -Inf (+Inf
+    with the sign bit) up to all ones (negative). Read as unsigned integers, only negative NaN/Inf reach -Inf's
+    pattern; read as signed integers, every negative value is below zero, so only positive NaN/Inf reach +Inf's.
+    Two read-only max reductions: no scratch memory, no pass that writes.
     """
-    unsigned, magnitude_mask, infinity_bits = _NON_FINITE_BITS[dtype]
+    unsigned, signed, positive_infinity = _NON_FINITE_BITS[dtype]
     elements = np.frombuffer(data, dtype=unsigned)
-    block = _FINITE_SCAN_BLOCK_BYTES // elements.itemsize
-    scratch = np.empty(min(block, len(elements)), dtype=unsigned)
-    for start in range(0, len(elements), block):
-        part = elements[start : start + block]
-        magnitudes = scratch[: len(part)]
-        np.bitwise_and(part, magnitude_mask, out=magnitudes)
-        if magnitudes.max() >= infinity_bits:
-            return False
-    return True
+    if not len(elements):
+        return True
+    negative_infinity = positive_infinity | 1 << (8 * elements.itemsize - 1)
+    return bool(elements.max() < negative_infinity and elements.view(signed).max() < positive_infinity)
 
 
 def validate_embeddings(embeddings: torch.Tensor, tokens_per_tile: tuple[int, ...], limits: EmbeddingLimits) -> None:

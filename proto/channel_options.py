@@ -44,6 +44,9 @@ def _shared_options(tuning: TransportTuning) -> ChannelOptions:
         ("grpc.max_receive_message_length", tuning.max_message_bytes),
         ("grpc.keepalive_time_ms", _ms(tuning.keepalive_time_s)),
         ("grpc.keepalive_timeout_ms", _ms(tuning.keepalive_timeout_s)),
+        # Any unanswered ping ends the connection as fast as a keepalive ping does. Without this, a flow-control
+        # (BDP) ping that a hung peer never answers blocks the keepalive ping for grpc's default of one minute.
+        ("grpc.http2.ping_timeout_ms", _ms(tuning.keepalive_timeout_s)),
         ("grpc.keepalive_permit_without_calls", 1),
         ("grpc.http2.max_pings_without_data", 0),
     ]

@@ -25,12 +25,13 @@ from dvd_serve.common.errors import (
     OverloadedError,
     PayloadTooLargeError,
     ServingError,
+    UnavailableError,
 )
 from dvd_serve.lm_worker.embedding_receiver import ModelIdentity, start_embedding_server
 from dvd_serve.lm_worker.embedding_store import EmbeddingStore
 from dvd_serve.lm_worker.embedding_validation import EmbeddingLimits, all_finite
 from dvd_serve.proto.channel_options import TransportTuning, client_channel_options
-from dvd_serve.proto.framing import ChunkLayout, tensor_bytes
+from dvd_serve.proto.framing import ChunkLayout, checksum, tensor_bytes
 from dvd_serve.proto.status import ERROR_CODE_METADATA_KEY
 from dvd_serve.proto.v1 import embeddings_pb2 as pb
 from dvd_serve.proto.v1 import embeddings_pb2_grpc as pb_grpc
@@ -87,6 +88,7 @@ async def running_sink(
     auth_token: str | None = None,
     health: Callable[[], object] = lambda: True,
     max_push_s: float = 30.0,
+    tuning: TransportTuning | None = None,
 ) -> AsyncIterator[Sink]:
     store = EmbeddingStore(budget_bytes, ttl_s, **({"clock": clock} if clock else {}))
     server, bound_port = await start_embedding_server(
@@ -97,6 +99,7 @@ async def running_sink(
         port=port,
         auth_token=auth_token,
         max_push_s=max_push_s,
+        tuning=tuning,
     )
     try:
         yield Sink(store, bound_port, limits)
@@ -341,6 +344,19 @@ MALFORMED_STREAMS: dict[str, tuple[Callable[[], list[pb.PushMessage]], str]] = {
 }
 
 
+async def test_sink_accepts_chunks_checksummed_by_zlib() -> None:
+    """The wire's CRC-32 is zlib's, whatever computes it: a peer using `zlib.crc32` interoperates."""
+    for size in (0, 1, 3, 4096, (1 << 20) + 7):
+        data = bytes(range(256)) * (size // 256) + bytes(size % 256)
+        assert checksum(data) == zlib.crc32(data)
+    frames = valid_frames(torch.float16)  # Frames.of checksums with zlib
+    async with running_sink() as sink, HandBuiltStreamDouble(sink.target) as double:
+        reply = await double.call(iter(frames.messages()))
+        (image,) = await sink.store.take("req-bad", 1, timeout=5)
+    assert (reply.accepted_bytes, reply.duplicate) == (frames.header.total_bytes, False)
+    assert bytes(tensor_bytes(image.embeddings)) == b"".join(frames.chunks)
+
+
 @pytest.mark.parametrize("case", sorted(MALFORMED_STREAMS))
 async def test_malformed_stream_is_refused_cleanly(case: str) -> None:
     build_messages, expected_code = MALFORMED_STREAMS[case]
@@ -388,6 +404,19 @@ def test_all_finite_agrees_with_torch_isfinite() -> None:
                 dirty[position] = special
                 assert bool(torch.isfinite(dirty).all()) is False
                 assert all_finite(tensor_bytes(dirty), dtype) is False, (dtype, special, position)
+
+
+def test_all_finite_agrees_with_torch_isfinite_on_every_16_bit_pattern() -> None:
+    patterns = torch.arange(1 << 16, dtype=torch.int32).to(torch.int16)
+    # fp32 patterns around both infinities and zero, each sign.
+    edges = [0x7F800000 + offset for offset in (-2, -1, 0, 1, 0x7FFFFF)] + [0, 1, 0x7FFFFFFF]
+    fp32_patterns = torch.tensor(edges + [edge | -(1 << 31) for edge in edges], dtype=torch.int64).to(torch.int32)
+    for dtype, bit_patterns in ((torch.bfloat16, patterns), (torch.float16, patterns), (torch.float32, fp32_patterns)):
+        values = bit_patterns.view(dtype)
+        expected = torch.isfinite(values.float()).tolist()
+        judged = [all_finite(tensor_bytes(values[index : index + 1]), dtype) for index in range(len(values))]
+        assert judged == expected, dtype
+        assert all_finite(tensor_bytes(values[values.float().isfinite()]), dtype) is True
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -631,6 +660,99 @@ async def test_sender_gives_up_on_unavailable_after_bounded_attempts() -> None:
         with pytest.raises(ServingError) as caught:
             await sender.push("req-down", 0, embeddings_for([64], torch.float32), [64], timeout=10)
     assert caught.value.code == "embedding_sink_unavailable"
+
+
+class BlackHoleProxyDouble:
+    """Test double of the network between the two workers: a TCP relay to the sink that, once it has forwarded a
+    given number of bytes towards the sink, swallows everything in both directions and answers nothing, on open
+    and new connections alike (a hung peer, or a partition that drops packets)."""
+
+    def __init__(self, upstream_port: int) -> None:
+        self._upstream_port = upstream_port
+        self._bytes_before_hole: int | None = None
+        self._server: asyncio.Server | None = None
+        self._writers: list[asyncio.StreamWriter] = []
+
+    @property
+    def target(self) -> str:
+        assert self._server is not None
+        return f"127.0.0.1:{self._server.sockets[0].getsockname()[1]}"
+
+    @property
+    def swallowing(self) -> bool:
+        return self._bytes_before_hole == 0
+
+    def black_hole_after(self, forwarded_bytes: int) -> None:
+        """Forward `forwarded_bytes` more towards the sink, then nothing any more."""
+        self._bytes_before_hole = forwarded_bytes
+
+    async def __aenter__(self) -> "BlackHoleProxyDouble":
+        self._server = await asyncio.start_server(self._accept, "127.0.0.1", 0)
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        assert self._server is not None
+        self._server.close()
+        for writer in self._writers:
+            writer.close()
+        await self._server.wait_closed()
+
+    async def _accept(self, client_reader: asyncio.StreamReader, client_writer: asyncio.StreamWriter) -> None:
+        self._writers.append(client_writer)
+        if self.swallowing:
+            await self._relay(client_reader, None, towards_sink=True)
+            return
+        sink_reader, sink_writer = await asyncio.open_connection("127.0.0.1", self._upstream_port)
+        self._writers.append(sink_writer)
+        await asyncio.gather(
+            self._relay(client_reader, sink_writer, towards_sink=True),
+            self._relay(sink_reader, client_writer, towards_sink=False),
+            return_exceptions=True,
+        )
+
+    async def _relay(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter | None, *, towards_sink: bool
+    ) -> None:
+        while data := await reader.read(1 << 16):
+            if towards_sink and self._bytes_before_hole is not None:
+                data = data[: self._bytes_before_hole]
+                self._bytes_before_hole -= len(data)
+            if writer is not None and data and not (self.swallowing and not towards_sink):
+                writer.write(data)
+                await writer.drain()
+
+
+async def test_black_holed_peer_is_detected_within_keepalive_and_timeout() -> None:
+    """C.29: mid-push the network swallows everything. Pings go unanswered, so the sender's push fails with a clean
+    UNAVAILABLE long before its deadline, and the sink frees the partial buffer; both within keepalive time +
+    keepalive timeout, plus slack (grpc spaces pings at least a second apart; scheduling on a loaded machine)."""
+    tuning = TransportTuning(keepalive_time_s=0.5, keepalive_timeout_s=0.5)
+    detection_bound_s = tuning.keepalive_time_s + tuning.keepalive_timeout_s + 2.5
+    limits = EmbeddingLimits(llm_hidden_size=5120)
+    sent = embeddings_for([256] * 13, torch.bfloat16, hidden=5120)  # 33 MiB: more than windows and buffers hold
+    loop = asyncio.get_running_loop()
+    async with running_sink(limits, tuning=tuning) as sink, BlackHoleProxyDouble(sink.port) as proxy:
+        config = EmbeddingSenderConfig(target=proxy.target, chunk_bytes=1 << 20, max_attempts=1, tuning=tuning)
+        async with EmbeddingSender(config) as sender:
+            assert await sender.health(timeout=5)  # the connection through the proxy is up
+            proxy.black_hole_after(3 << 20)  # the header and two chunks reach the sink, nothing after
+            started = loop.time()
+            push = asyncio.create_task(sender.push("req-hole", 0, sent, [256] * 13, timeout=10))
+            await wait_until(lambda: sink.store.stats().pending_pushes == 1)  # the hole opened mid-image
+            with pytest.raises(UnavailableError) as caught:
+                await push
+            sender_detected_s = loop.time() - started
+            assert caught.value.code == "embedding_sink_unavailable"
+            assert caught.value.message == "language worker is unavailable"
+            assert proxy.swallowing
+            await wait_until(lambda: sink.store.stats().pending_pushes == 0, timeout=detection_bound_s)
+            sink_detected_s = loop.time() - started
+            sink.assert_empty()
+            with pytest.raises(ServingError):  # new connections fall into the hole too: bounded by the deadline
+                await sender.push("req-hole", 0, sent, [256] * 13, timeout=1.0)
+            assert loop.time() - started < sink_detected_s + 1.0 + detection_bound_s
+    assert sender_detected_s < detection_bound_s, sender_detected_s
+    assert sink_detected_s < detection_bound_s, sink_detected_s
 
 
 def test_over_limit_status_without_store_code_is_payload_too_large() -> None:

@@ -2,8 +2,8 @@
 
 Every call has a deadline. A push that fails with UNAVAILABLE (connection refused or reset, or a stream cut while
 it was being written) is retried within the same deadline, with capped exponential backoff and full jitter;
-retrying is safe because the sink answers a push for an image it already has as a duplicate. Chunks are
-checksummed and framed on worker threads a few chunks ahead of the one on the wire. Cancelling the task that
+retrying is safe because the sink answers a push for an image it already has as a duplicate. Each chunk is
+checksummed and framed on the event loop while the one before it is on the wire. Cancelling the task that
 awaits `push` cancels the RPC, and the sink frees the partial buffer. Failures surface as
 `dvd_serve.common.errors` values with fixed messages.
 """
@@ -12,9 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import random
-from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -44,10 +42,6 @@ class EmbeddingSenderConfig(FrozenConfig):
     max_attempts: int = Field(default=4, ge=1, description="Tries per call when the sink is UNAVAILABLE.")
     retry_initial_backoff_s: float = Field(default=0.05, gt=0, description="Backoff cap before the second try.")
     retry_max_backoff_s: float = Field(default=1.0, gt=0, description="Largest backoff cap between tries.")
-    encode_ahead_chunks: int = Field(
-        default=3, ge=1, description="Chunks checksummed and encoded on worker threads ahead of the one being sent."
-    )
-    encode_threads: int = Field(default=2, ge=1, description="Worker threads for checksumming and encoding chunks.")
     auth_token: SecretStr | None = Field(default=None, description="Shared token sent as `authorization: Bearer`.")
     tuning: TransportTuning = Field(default_factory=TransportTuning, description="Options shared with the sink.")
 
@@ -85,9 +79,27 @@ class _StreamInterrupted(Exception):
     """A push stream ended while chunks were still being written; the cause is unknown (see `_push_once`)."""
 
 
-def _encode_chunk(sequence: int, chunk: memoryview) -> bytes:
-    """Worker-thread job: checksum a chunk and frame it (one copy of its bytes)."""
-    return encode_chunk(sequence, checksum(chunk), chunk)
+async def _write_stream(
+    call: grpc.aio.StreamUnaryCall, encoded_header: bytes, payload: memoryview, layout: ChunkLayout
+) -> None:
+    """Writes the header, then every chunk in order, one write in flight at a time.
+
+    Chunk n+1 is checksummed and framed (one copy of its bytes) on the event loop while chunk n is being written:
+    grpc's own threads move the bytes, so the loop is otherwise idle then, and no worker-thread hop is added.
+    """
+    writing = asyncio.ensure_future(call.write(encoded_header))
+    try:
+        for sequence, chunk in iter_chunks(payload, layout):
+            await asyncio.sleep(0)  # the pending write hands its message to grpc before the loop gets busy
+            message = encode_chunk(sequence, checksum(chunk), chunk)
+            await writing
+            writing = asyncio.ensure_future(call.write(message))
+        await writing
+    finally:
+        if not writing.done():
+            writing.cancel()
+        elif not writing.cancelled():
+            writing.exception()  # marks a failed write as seen when another error is already on its way out
 
 
 def _trailing_error_code(error: grpc.aio.AioRpcError) -> str | None:
@@ -111,7 +123,6 @@ class EmbeddingSender:
         self._push_call = self._channel.stream_unary(
             method_path("Push"), request_serializer=None, response_deserializer=pb.PushReply.FromString
         )
-        self._encoders = ThreadPoolExecutor(config.encode_threads, thread_name_prefix="embedding-encode")
         token = config.auth_token
         self._metadata = () if token is None else (("authorization", f"Bearer {token.get_secret_value()}"),)
 
@@ -123,7 +134,6 @@ class EmbeddingSender:
 
     async def close(self) -> None:
         await self._channel.close()
-        self._encoders.shutdown(wait=False, cancel_futures=True)
 
     async def push(
         self,
@@ -207,23 +217,8 @@ class EmbeddingSender:
         self, encoded_header: bytes, payload: memoryview, layout: ChunkLayout, timeout_s: float
     ) -> pb.PushReply:
         call = self._push_call(timeout=timeout_s, metadata=self._metadata)
-        loop = asyncio.get_running_loop()
-        chunks = iter_chunks(payload, layout)
-        encoded: deque[asyncio.Future[bytes]] = deque()
-
-        def encode_next() -> None:
-            item = next(chunks, None)
-            if item is not None:
-                encoded.append(loop.run_in_executor(self._encoders, _encode_chunk, *item))
-
         try:
-            for _ in range(self._config.encode_ahead_chunks):
-                encode_next()
-            await call.write(encoded_header)
-            while encoded:
-                message = await encoded.popleft()
-                encode_next()
-                await call.write(message)
+            await _write_stream(call, encoded_header, payload, layout)
             await call.done_writing()
         except asyncio.InvalidStateError:
             pass  # the sink answered before reading everything (it only does so for unauthenticated calls)
