@@ -47,6 +47,11 @@ class SamplingConfig(FrozenConfig):
     """What the client asked for; validated by the gateway before it gets here."""
 
     max_tokens: int = Field(default=256, ge=1, description="Upper bound on generated tokens.")
+    max_tokens_param: str | None = Field(
+        default=None,
+        description="Request field that set `max_tokens` (named in the error when prompt + max_tokens exceeds the "
+        "context); None = a default, which the engine lowers to the room the prompt leaves instead.",
+    )
     temperature: float = Field(default=1.0, ge=0.0, le=2.0, description="0 means greedy decoding.")
     top_p: float = Field(default=1.0, gt=0.0, le=1.0, description="Nucleus sampling mass.")
     seed: int | None = Field(default=None, description="Per-request sampling seed for reproducible sampling.")

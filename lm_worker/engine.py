@@ -20,9 +20,16 @@ from dvd_serve.common.checkpoint.spec import CheckpointSpec
 from dvd_serve.common.config import FrozenConfig
 from dvd_serve.common.errors import InvalidRequestError, UnavailableError
 from dvd_serve.common.chat import GenerationDelta, SamplingConfig
+from dvd_serve.lm_worker.context_budget import output_token_budget, prompt_token_count
 from dvd_serve.lm_worker.vllm_plugin import language_only_overrides, register
 
 logger = logging.getLogger(__name__)
+
+ENGINE_DEAD_CODE = "engine_dead"  # error code of every stream the engine was serving when it died
+
+
+def engine_dead_error() -> UnavailableError:
+    return UnavailableError("The language engine stopped.", code=ENGINE_DEAD_CODE)
 
 
 class LanguageEngineConfig(FrozenConfig):
@@ -102,12 +109,16 @@ class LanguageEngine:
         images: Sequence[torch.Tensor],
         sampling: SamplingConfig,
     ) -> AsyncIterator[GenerationDelta]:
-        """Stream the answer to `prompt`, whose placeholders are filled by `images` in order."""
+        """Stream the answer to `prompt`, whose placeholders are filled by `images` in order.
+
+        Raises `InvalidRequestError` (400) before the engine sees a request that does not fit the context.
+        """
         self._check_images(prompt, images)
+        max_tokens = await self._output_budget(prompt, images, sampling)
         engine_prompt: dict = {"prompt": prompt}
         if images:
             engine_prompt["multi_modal_data"] = {"image": [image.to(self.dtype) for image in images]}
-        params = to_vllm_sampling_params(sampling)
+        params = to_vllm_sampling_params(sampling, max_tokens)
         first = True
         finished = False
         try:
@@ -123,8 +134,8 @@ class LanguageEngine:
                 first = False
                 finished = output.finished
                 yield delta
-        except ValueError as error:
-            # vLLM rejects a prompt it cannot fit (context length, placeholder mismatch) with ValueError.
+        except (ValueError, _vllm_client_error()) as error:
+            # A backstop: what vLLM itself refuses (its validation errors are not all ValueErrors).
             logger.info("request %s rejected by the engine: %s", request_id, error)
             raise InvalidRequestError(
                 "The request does not fit the model (context length or image placeholders).",
@@ -134,12 +145,21 @@ class LanguageEngine:
             raise
         except Exception as error:
             if self._engine.errored:
-                raise UnavailableError("The language engine stopped.", code="engine_dead") from error
+                raise engine_dead_error() from error
             raise
         finally:
             # Cancelled, closed early by the consumer, or failed: free the engine's slot and KV blocks.
             if not finished and not self._engine.errored:
                 await asyncio.shield(self.abort(request_id))
+
+    async def _output_budget(self, prompt: str, images: Sequence[torch.Tensor], sampling: SamplingConfig) -> int:
+        # Off the event loop: a long prompt takes tens of milliseconds to tokenize.
+        prompt_tokens = await asyncio.to_thread(
+            prompt_token_count, self.tokenizer, prompt, self.spec, [image.shape[0] for image in images]
+        )
+        return output_token_budget(
+            prompt_tokens, sampling.max_tokens, self.config.max_model_len, sampling.max_tokens_param
+        )
 
     async def abort(self, request_id: str) -> None:
         await self._engine.abort(request_id)
@@ -151,6 +171,11 @@ class LanguageEngine:
     @property
     def is_dead(self) -> bool:
         return bool(self._engine.errored)
+
+    @property
+    def unfinished_requests(self) -> int:
+        """Requests the engine holds (running or waiting); an aborted request leaves at once."""
+        return self._engine.get_num_unfinished_requests()
 
     def shutdown(self) -> None:
         self._engine.shutdown()
@@ -172,12 +197,19 @@ class LanguageEngine:
                 raise InvalidRequestError("Image embeddings have the wrong shape.", code="bad_embedding_shape")
 
 
-def to_vllm_sampling_params(config: SamplingConfig):
+def _vllm_client_error() -> type[Exception]:
+    from vllm.exceptions import VLLMClientError
+
+    return VLLMClientError
+
+
+def to_vllm_sampling_params(config: SamplingConfig, max_tokens: int | None = None):
+    """vLLM's parameters for `config`; `max_tokens` overrides the config's (the budget the context leaves)."""
     from vllm import SamplingParams
     from vllm.sampling_params import RequestOutputKind
 
     return SamplingParams(
-        max_tokens=config.max_tokens,
+        max_tokens=config.max_tokens if max_tokens is None else max_tokens,
         temperature=config.temperature,
         top_p=config.top_p,
         seed=config.seed,

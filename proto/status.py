@@ -21,6 +21,7 @@ from dvd_serve.common.errors import (
 
 ERROR_CODE_METADATA_KEY = "dvd-serve-error-code"
 STORE_FULL_CODE = "embedding_store_full"
+SINK_UNAVAILABLE_CODE = "embedding_sink_unavailable"  # the sink could not be reached, or let the push go
 
 _STATUS_BY_ERROR_CODE: dict[str, grpc.StatusCode] = {
     "embedding_request_closed": grpc.StatusCode.FAILED_PRECONDITION,
@@ -62,7 +63,7 @@ def error_for_status(status: grpc.StatusCode, error_code: str | None) -> Serving
     if status == grpc.StatusCode.RESOURCE_EXHAUSTED:
         return PayloadTooLargeError("image embeddings exceed the transport's size limit", code="embedding_too_large")
     if status in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.ABORTED, grpc.StatusCode.CANCELLED):
-        return UnavailableError("language worker is unavailable", code="embedding_sink_unavailable")
+        return UnavailableError("language worker is unavailable", code=SINK_UNAVAILABLE_CODE)
     if status == grpc.StatusCode.UNAUTHENTICATED:
         return ServingError("language worker refused the vision worker's credentials", code="embedding_sink_auth")
     return ServingError("image embedding transfer failed", code="embedding_transfer_failed")

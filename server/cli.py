@@ -9,6 +9,7 @@ from collections.abc import Sequence
 
 def build_parser() -> argparse.ArgumentParser:
     from dvd_serve.common.checkpoint import cli as checkpoint_cli
+    from dvd_serve.loadtests import soak
     from dvd_serve.server import bench_cli, serve
 
     parser = argparse.ArgumentParser(prog="dvd-serve", description=__doc__)
@@ -16,6 +17,7 @@ def build_parser() -> argparse.ArgumentParser:
     checkpoint_cli.add_parser(commands)
     serve.add_parser(commands)
     bench_cli.add_parser(commands)
+    soak.add_parser(commands)
     return parser
 
 

@@ -35,6 +35,18 @@ class GatewayConfig(FrozenConfig):
         ge=1024,
         description="Largest request body accepted; larger ones get 413 before more than this is read.",
     )
+    max_request_head_bytes: int = Field(
+        default=64 * 1024,
+        ge=4096,
+        description="Largest HTTP request head (request line and all headers); larger ones get 431 and the "
+        "connection is closed.",
+    )
+    request_head_timeout_s: float = Field(
+        default=10.0,
+        gt=0.0,
+        description="Seconds a client has to send a complete request head from its first byte (or from opening "
+        "the connection); slower ones get 408 and the connection is closed (slowloris).",
+    )
     max_images_per_request: int = Field(default=16, ge=0, description="Most `image_url` parts in one request.")
     max_messages: int = Field(default=512, ge=1, description="Most messages in one request.")
     max_text_chars: int = Field(

@@ -7,7 +7,8 @@ Who records what:
 - vision workers: `fetch_decode_seconds`, `preprocess_seconds`, `vision_queue_seconds`, `vision_batch_size`,
   `encode_seconds`, `visual_tokens_per_image`, `router_compression_ratio`.
 - embedding sender (vision -> LM hop): `transfer_bytes`, `transfer_seconds`.
-- orchestration: `pool_in_flight` (jobs handed to each pool and not yet finished).
+- orchestration: `pool_in_flight` (jobs handed to each pool and not yet finished), `pool_admitted` (jobs holding a
+  place in each pool, waiting ones included) and `admission_refusals` (jobs refused with 429, by pool).
 
 No metric touches prometheus_client's global default registry, so tests may build several apps in one process.
 """
@@ -140,6 +141,15 @@ class ServingMetrics:
         self.pool_in_flight = Gauge(
             f"{PREFIX}_pool_in_flight_jobs", "Jobs handed to a pool and not finished, by pool.", ("pool",),
             registry=reg,
+        )
+        self.pool_admitted = Gauge(
+            f"{PREFIX}_pool_admitted_jobs",
+            "Jobs holding one of a pool's admission places (running, queued or not yet started), by pool.",
+            ("pool",), registry=reg,
+        )
+        self.admission_refusals = Counter(
+            f"{PREFIX}_admission_refusals", "Jobs refused with 429 because a pool was at capacity, by pool.",
+            ("pool",), registry=reg,
         )
 
     def observe_stage_timings(self, timings: StageTimings) -> None:

@@ -26,7 +26,8 @@ from ray.exceptions import ActorDiedError, RayActorError, RayTaskError
 from ray.util import get_node_ip_address
 
 from dvd_serve.common.chat import ChatJob, GenerationDelta, ImagePart
-from dvd_serve.common.errors import ServingError, UnavailableError
+from dvd_serve.common.errors import OverloadedError, ServingError, UnavailableError
+from dvd_serve.lm_worker.engine import ENGINE_DEAD_CODE, engine_dead_error
 from dvd_serve.server.local_generation import generate_with_embeddings, vision_seconds
 from dvd_serve.server.replica_choice import least_outstanding
 from dvd_serve.server.serve_config import PoolConfig, ServeConfig
@@ -179,8 +180,14 @@ class LanguageActor(_Replica):
         return await LanguageWorker.start(self._config.language_worker_config(grpc_host))
 
     async def ready(self) -> ReplicaInfo:
+        """Where this replica runs; raises while its engine is dead (the watchdog is about to end the process)."""
         worker = await self._loaded()
+        _require_live_engine(worker.engine)
         return _replica_info(worker.grpc_address)
+
+    async def engine_requests(self) -> int:
+        """Requests the language engine holds now (running or waiting); aborted ones are gone from it."""
+        return (await self._loaded()).engine.unfinished_requests
 
     @ray.method(max_task_retries=-1)  # a pure query: after a restart, ask the new incarnation
     async def grpc_address(self) -> str:
@@ -220,7 +227,8 @@ class CoupledActor(_Replica):
         return vision, engine
 
     async def ready(self) -> ReplicaInfo:
-        await self._loaded()
+        _vision, engine = await self._loaded()
+        _require_live_engine(engine)
         return _replica_info()
 
     @ray.method(num_returns="streaming")
@@ -252,6 +260,17 @@ class CoupledActor(_Replica):
         engine.shutdown()
 
 
+def _is_engine_death(error: BaseException) -> bool:
+    cause = error.cause if isinstance(error, RayTaskError) else error
+    return isinstance(cause, RemoteServingError) and cause.unwrap().code == ENGINE_DEAD_CODE
+
+
+def _require_live_engine(engine) -> None:
+    if engine.is_dead:
+        with _portable_errors():
+            raise engine_dead_error()
+
+
 async def _exit_when_dead(engine) -> None:
     # Same policy as the language worker's watchdog: a dead engine ends the process, Ray restarts the replica.
     while not engine.is_dead:
@@ -273,14 +292,37 @@ class Replica:
     reviving: asyncio.Task | None = None
 
 
-class ReplicaPool:
-    """The replicas of one pool: start-up, least-outstanding choice, liveness."""
+class AdmissionPlace:
+    """A job's place in a pool, from admission until `release()` (idempotent: the first call gives it back)."""
 
-    def __init__(self, name: str, replicas: list[Replica], probe_timeout_s: float) -> None:
+    __slots__ = ("_pool", "_on_release")
+
+    def __init__(self, pool: "ReplicaPool", on_release: Callable[[], None] | None) -> None:
+        self._pool: ReplicaPool | None = pool
+        self._on_release = on_release
+
+    def release(self) -> None:
+        if self._pool is None:
+            return
+        self._pool.admitted -= 1
+        self._pool = None
+        if self._on_release is not None:
+            self._on_release()
+
+
+class ReplicaPool:
+    """The replicas of one pool: start-up, admission, least-outstanding choice, liveness."""
+
+    def __init__(
+        self, name: str, replicas: list[Replica], probe_timeout_s: float,
+        max_outstanding_per_replica: int | None = None,
+    ) -> None:
         self.name = name
         self.replicas = replicas
         self._probe_timeout_s = probe_timeout_s
+        self._max_outstanding_per_replica = max_outstanding_per_replica
         self._cursor = 0
+        self.admitted = 0  # jobs admitted to this pool and not finished yet
 
     @classmethod
     def launch(
@@ -292,7 +334,7 @@ class ReplicaPool:
             Replica(name=f"{name}[{index}]", index=index, handle=actor_class.options(**options).remote(config))
             for index in range(pool.replicas)
         ]
-        return cls(name, replicas, config.replica_probe_timeout_s)
+        return cls(name, replicas, config.replica_probe_timeout_s, pool.max_outstanding_per_replica)
 
     async def wait_ready(self, report: Callable[[str], None]) -> None:
         """Returns once every replica has loaded its model; raises if one fails to."""
@@ -305,6 +347,21 @@ class ReplicaPool:
 
         await asyncio.gather(*(one(replica) for replica in self.replicas))
 
+    def admit(self, on_release: Callable[[], None] | None = None) -> "AdmissionPlace":
+        """One of the pool's places for a job, or a refusal at once: `OverloadedError` (429) when the live replicas
+        hold `max_outstanding_per_replica` jobs each, `UnavailableError` (503) when none is live.
+
+        Checks and counts without awaiting, so concurrent jobs cannot overshoot the bound together.
+        """
+        live = sum(replica.alive for replica in self.replicas)
+        if not live:
+            raise self._no_replica()
+        bound = self._max_outstanding_per_replica
+        if bound is not None and self.admitted >= bound * live:
+            raise OverloadedError(f"The {self.name} replicas are at capacity; retry later.", code="overloaded")
+        self.admitted += 1
+        return AdmissionPlace(self, on_release)
+
     def choose(self, exclude: frozenset[int] = frozenset()) -> Replica:
         """The live replica with the least outstanding work (ties rotate); UnavailableError if none is live."""
         loads = [
@@ -313,9 +370,12 @@ class ReplicaPool:
         ]
         index = least_outstanding(loads, self._cursor)
         if index is None:
-            raise UnavailableError(f"No {self.name} replica is available.", code="no_replica_available")
+            raise self._no_replica()
         self._cursor = index + 1
         return self.replicas[index]
+
+    def _no_replica(self) -> UnavailableError:
+        return UnavailableError(f"No {self.name} replica is available.", code="no_replica_available")
 
     def has_live_replica(self, exclude: frozenset[int] = frozenset()) -> bool:
         return any(replica.alive and replica.index not in exclude for replica in self.replicas)
@@ -336,9 +396,12 @@ class ReplicaPool:
             except (RayActorError, TimeoutError):
                 await asyncio.sleep(REVIVE_INTERVAL_S)
                 continue
-            except Exception:
-                logger.exception("%s failed to load after a restart", replica.name)
-                return
+            except Exception as error:
+                if not _is_engine_death(error):
+                    logger.exception("%s failed to load after a restart", replica.name)
+                    return
+                await asyncio.sleep(REVIVE_INTERVAL_S)  # its process is about to exit; Ray restarts it then
+                continue
             replica.info, replica.alive = info, True
             logger.info("%s is back", replica.name)
             return

@@ -5,8 +5,12 @@ Per request (dvd topology): choose the language replica with the least outstandi
 (`LanguageActor.generate`, which waits for the embeddings) at the same time, and pass the deltas on. Requests
 without images skip the vision pool. In the coupled topology one `CoupledActor` call does both.
 
+Admission comes first: every pool the job needs must have a free place (`PoolConfig.max_outstanding_per_replica`
+per live replica), else the job is refused with 429 before any replica sees it, so no image is fetched or decoded.
+
 When the consumer stops early (client gone, deadline) or anything fails, both sides are cancelled. A vision
-replica that dies before the answer starts is replaced by another live one when the pool has one.
+replica that dies before the answer starts is replaced by another live one when the pool has one. A language
+replica whose engine died is taken out of the choice at once; Ray restarts it after its watchdog ends the process.
 """
 
 from __future__ import annotations
@@ -24,10 +28,13 @@ from ray.exceptions import RayActorError, RayError
 
 from dvd_serve.common.chat import ChatJob, ChatMessage, GenerationDelta, ImagePart, StageTimings
 from dvd_serve.common.checkpoint.spec import CheckpointSpec
-from dvd_serve.common.errors import UnavailableError
+from dvd_serve.common.errors import OverloadedError, UnavailableError
+from dvd_serve.lm_worker.engine import ENGINE_DEAD_CODE
+from dvd_serve.proto.status import SINK_UNAVAILABLE_CODE
 from dvd_serve.server.local_generation import vision_seconds
 from dvd_serve.server.metrics import ServingMetrics
 from dvd_serve.server.ray_actors import (
+    AdmissionPlace,
     CoupledActor,
     LanguageActor,
     Replica,
@@ -163,18 +170,49 @@ class RayPipeline:
     async def generate(self, job: ChatJob) -> AsyncIterator[GenerationDelta]:
         if self._draining:
             raise UnavailableError("The server is shutting down.", code="shutting_down")
+        places = self._admit(job)
         self._in_flight += 1
         self._idle.clear()
         try:
-            async with contextlib.aclosing(self._answer(job)) as deltas:
+            async with contextlib.aclosing(self._answer(job, places.get("vision"))) as deltas:
                 async for delta in deltas:
                     yield delta
         finally:
+            for place in places.values():
+                place.release()
             self._in_flight -= 1
             if self._in_flight == 0:
                 self._idle.set()
 
-    async def _answer(self, job: ChatJob) -> AsyncIterator[GenerationDelta]:
+    def _admit(self, job: ChatJob) -> dict[str, AdmissionPlace]:
+        """A place in every pool `job` needs, or the first refusal (then no place is kept)."""
+        if self.config.topology == "coupled":
+            names = ["coupled"]
+        else:
+            names = ["language", "vision"] if job.images else ["language"]
+        places: dict[str, AdmissionPlace] = {}
+        try:
+            for name in names:
+                places[name] = self._admit_to(name)
+        except BaseException:
+            for place in places.values():
+                place.release()
+            raise
+        return places
+
+    def _admit_to(self, name: str) -> AdmissionPlace:
+        metrics = self._metrics
+        if metrics is None:
+            return self.pools[name].admit()
+        try:
+            place = self.pools[name].admit(on_release=metrics.pool_admitted.labels(name).dec)
+        except OverloadedError:
+            metrics.admission_refusals.labels(name).inc()
+            raise
+        metrics.pool_admitted.labels(name).inc()
+        return place
+
+    async def _answer(self, job: ChatJob, vision_place: AdmissionPlace | None) -> AsyncIterator[GenerationDelta]:
         coupled = self.config.topology == "coupled"
         pool = self.pools["coupled" if coupled else "language"]
         replica = pool.choose()
@@ -186,7 +224,9 @@ class RayPipeline:
                     stream = replica.handle.generate.remote(job)
                 else:
                     if job.images:
-                        vision_task = asyncio.ensure_future(self._encode_and_push(job, replica.info.grpc_address))
+                        vision_task = asyncio.ensure_future(
+                            self._encode_and_push(job, replica.info.grpc_address, vision_place)
+                        )
                     stream = replica.handle.generate.remote(without_image_data(job), len(job.images))
                 totals: StageTimings | None = None
                 while not finished:
@@ -214,19 +254,34 @@ class RayPipeline:
                 await asyncio.wait({next_delta, vision_task}, return_when=asyncio.FIRST_COMPLETED)
             vision_failure = _failure(vision_task) if vision_task is not None else None
             if vision_failure is not None:
+                if getattr(vision_failure, "code", None) == SINK_UNAVAILABLE_CODE:
+                    # The language replica's sink is gone: Ray may already have restarted it at a new address,
+                    # which only its `ready()` tells. Out of the choice until the probe has the new address.
+                    pool.mark_dead(replica)
                 raise vision_failure
             return await next_delta
         except StopAsyncIteration:
             raise UnavailableError(f"A {pool.name} replica ended the answer early.", code="stream_ended") from None
         except RayError as error:
-            if isinstance(error, RayActorError):
+            serving_error = to_serving_error(error, pool.name)
+            if isinstance(error, RayActorError) or serving_error.code == ENGINE_DEAD_CODE:
                 pool.mark_dead(replica)
-            raise to_serving_error(error, pool.name) from None
+            raise serving_error from None
         finally:
             next_delta.cancel()
 
-    async def _encode_and_push(self, job: ChatJob, lm_address: str) -> VisionOutcome:
-        """Runs the job's vision work on the least-loaded vision replica, on another one if that replica dies."""
+    async def _encode_and_push(self, job: ChatJob, lm_address: str, place: AdmissionPlace | None) -> VisionOutcome:
+        """Runs the job's vision work on the least-loaded vision replica, on another one if that replica dies.
+
+        The job's place in the vision pool is given back as soon as its vision work ends.
+        """
+        try:
+            return await self._encode_with_retries(job, lm_address)
+        finally:
+            if place is not None:
+                place.release()
+
+    async def _encode_with_retries(self, job: ChatJob, lm_address: str) -> VisionOutcome:
         pool = self.pools["vision"]
         tried: set[int] = set()
         while True:

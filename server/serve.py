@@ -61,6 +61,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                             help=f"CPUs per {name} replica (default: 1)")
         parser.add_argument(f"--{pool}-resources", type=json.loads, default={}, metavar="JSON",
                             help=f"custom Ray resources per {name} replica, e.g. '{{\"{pool}_gpu\": 1}}'")
+        parser.add_argument(f"--{pool}-max-outstanding", type=int, metavar="N",
+                            help=f"admission bound: requests the {name} pool may hold per live replica (running or "
+                            "queued) before new ones get 429 + Retry-After; 0 = no bound (default: 128)")
+    _add_limit_arguments(parser)
     parser.add_argument("--allow-private-image-urls", action="store_true",
                         help="let image URLs point at loopback/private addresses (tests, trusted networks only)")
     parser.add_argument("--startup-timeout", type=float, default=900.0, help="seconds to load every replica")
@@ -69,6 +73,25 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     parser.add_argument("--log-level", choices=("debug", "info", "warning", "error"), default="info")
     parser.set_defaults(run=run)
     return parser
+
+
+def _add_limit_arguments(parser: argparse.ArgumentParser) -> None:
+    """Request limits; each defaults to its config field's default (see docs/limits.md)."""
+    from dvd_serve.server.gateway_config import GatewayConfig
+    from dvd_serve.vision_worker.image_decode import DecodeLimits
+
+    gateway, decode = GatewayConfig.model_fields, DecodeLimits.model_fields
+    parser.add_argument("--max-tiles-per-image", type=int, metavar="N",
+                        help="most tiles (thumbnail excluded) an image is cut into, whatever the request asks "
+                        f"(default: {gateway['max_tiles_per_image'].default})")
+    parser.add_argument("--max-image-pixels", type=int, metavar="N",
+                        help="largest width x height accepted, read from the image header before decoding "
+                        f"(default: {decode['max_pixels'].default})")
+    parser.add_argument("--request-timeout", type=float, metavar="SECONDS",
+                        help=f"total time a chat request may take before 504 (default: "
+                        f"{gateway['request_timeout_s'].default:g})")
+    parser.add_argument("--retry-after", type=int, metavar="SECONDS",
+                        help=f"Retry-After value sent with 429 and 503 (default: {gateway['retry_after_s'].default})")
 
 
 def config_from_args(args: argparse.Namespace):
@@ -87,12 +110,18 @@ def config_from_args(args: argparse.Namespace):
         "vision_pool": _pool(args, "vision"),
         "language_pool": _pool(args, "lm"),
         "image_fetch": {"allow_private_networks": args.allow_private_image_urls},
+        "image_decode": _given({"max_pixels": args.max_image_pixels}),
         "grpc_auth_token": secrets.token_urlsafe(32),
         "gateway": {
             "host": args.host,
             "port": args.port,
             "api_keys": list(dict.fromkeys([*args.api_key, *_keys_from_environment()])),
             "max_images_per_request": args.max_images_per_request,
+            **_given({
+                "max_tiles_per_image": args.max_tiles_per_image,
+                "request_timeout_s": args.request_timeout,
+                "retry_after_s": args.retry_after,
+            }),
         },
         "ray_address": args.address,
         "embedded_num_cpus": args.num_cpus,
@@ -106,13 +135,20 @@ def _keys_from_environment() -> list[str]:
     return [key.strip() for key in os.environ.get(API_KEYS_ENV, "").split(",") if key.strip()]
 
 
+def _given(settings: dict[str, Any]) -> dict[str, Any]:
+    """`settings` without the flags left out of the command line (their config defaults apply)."""
+    return {key: value for key, value in settings.items() if value is not None}
+
+
 def _pool(args: argparse.Namespace, prefix: str) -> dict[str, Any]:
     values = vars(args)
+    max_outstanding = values[f"{prefix}_max_outstanding"]
     return {
         "replicas": values[f"{prefix}_replicas"],
         "num_gpus": values[f"{prefix}_gpus_per_replica"],
         "num_cpus": values[f"{prefix}_cpus_per_replica"],
         "resources": values[f"{prefix}_resources"],
+        **({} if max_outstanding is None else {"max_outstanding_per_replica": max_outstanding or None}),
     }
 
 
@@ -178,11 +214,14 @@ async def _unless_stopped(start: Awaitable[T]) -> T | None:
 
 async def _serve_http(pipeline, config, metrics, log_level: str) -> None:
     from dvd_serve.server.api.app import create_app
+    from dvd_serve.server.http_protocol import bounded_head_protocol
 
-    app = create_app(pipeline, config.gateway, metrics)
+    gateway = config.gateway
+    app = create_app(pipeline, gateway, metrics)
     uvicorn_config = uvicorn.Config(
-        app, host=config.gateway.host, port=config.gateway.port, lifespan="off", log_level=log_level,
-        timeout_graceful_shutdown=5,
+        app, host=gateway.host, port=gateway.port, lifespan="off", log_level=log_level, timeout_graceful_shutdown=5,
+        http=bounded_head_protocol(gateway.request_head_timeout_s, gateway.max_request_head_bytes),
+        h11_max_incomplete_event_size=gateway.max_request_head_bytes,
     )
     await DrainingServer(uvicorn_config, pipeline, config.drain_timeout_s).serve()
 

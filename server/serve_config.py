@@ -53,6 +53,13 @@ class PoolConfig(FrozenConfig):
     max_concurrency: int = Field(
         default=1000, ge=1, description="Calls one replica serves at once (requests, probes, cancels)."
     )
+    max_outstanding_per_replica: int | None = Field(
+        default=128,
+        ge=1,
+        description="Admission bound: requests the gateway lets the pool hold at once (running or queued), per "
+        "live replica. Past it new requests get 429 with Retry-After before any image is fetched or decoded. "
+        "None = no bound.",
+    )
 
     def gpus_per_replica(self, cluster_has_gpus: bool) -> float:
         if self.num_gpus is not None:
@@ -158,6 +165,7 @@ class ServeConfig(FrozenConfig):
             decode=self.image_decode,
             fetch=self.image_fetch,
             preprocess_threads=self.preprocess_threads,
+            max_tiles_per_image=self.gateway.max_tiles_per_image,
             push_timeout_s=self.push_timeout_s,
             grpc_auth_token=self._token(),
         )

@@ -1,13 +1,20 @@
-"""Shared helpers for end-to-end tests: deterministic test images and a monolithic vLLM reference run."""
+"""Shared helpers for end-to-end tests: deterministic test images, a local image origin, a local Ray with the
+serve config the Ray tests use, and a monolithic vLLM reference run."""
 
 from __future__ import annotations
 
 import base64
 import gc
 import io
-from collections.abc import Sequence
+import select
+import socket
+import threading
+import time
+from collections.abc import Callable, Sequence
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import numpy as np
+import pytest
 from PIL import Image
 
 # (width, height) chosen so the default tiling (max 12 + thumbnail) gives 1, 3, 5, 7, 10 and 13 tiles.
@@ -55,3 +62,126 @@ def monolithic_vllm_greedy(
     finally:
         del llm
         gc.collect()
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def wait_until(condition: Callable[[], bool], timeout_s: float, interval_s: float = 0.05) -> bool:
+    """Polls `condition` until it holds or `timeout_s` passes; returns its last value."""
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(interval_s)
+    return True
+
+
+class ImageOrigin:
+    """A local http server for test images (a test double of a remote image host).
+
+    `images` maps paths to PNG bytes. While `hold()` is in force, paths under `/held/` answer only after
+    `release()`: a fetch of one is then in progress for as long as the test wants. `held_fetches` counts fetches
+    that reached a held path; `abandoned` counts those whose client hung up before the answer.
+    """
+
+    def __init__(self, images: dict[str, bytes]) -> None:
+        self.images = images
+        self.held_fetches = 0
+        self.abandoned = 0
+        self._released = threading.Event()
+        self._released.set()
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler_class())
+        self._server.daemon_threads = True
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self._server.server_address[1]}"
+
+    def __enter__(self) -> "ImageOrigin":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self._released.set()
+        self._server.shutdown()
+        self._server.server_close()
+
+    def hold(self) -> None:
+        self._released.clear()
+
+    def release(self) -> None:
+        self._released.set()
+
+    def _handler_class(self) -> type[BaseHTTPRequestHandler]:
+        origin = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
+                body = origin.images.get(self.path.removeprefix("/held"))
+                if body is None:
+                    self.send_error(404)
+                    return
+                if self.path.startswith("/held/"):
+                    origin.held_fetches += 1
+                    while not origin._released.wait(0.02):
+                        if _peer_closed(self.connection):
+                            origin.abandoned += 1
+                            return
+                try:
+                    self.send_response(200)
+                    self.send_header("Content-Type", "image/png")
+                    self.send_header("Content-Length", str(len(body)))
+                    self.end_headers()
+                    self.wfile.write(body)
+                except OSError:
+                    pass  # the fetching worker died meanwhile
+
+            def log_message(self, *args) -> None:
+                pass
+
+        return Handler
+
+
+def _peer_closed(connection: socket.socket) -> bool:
+    readable, _, _ = select.select([connection], [], [], 0)
+    if not readable:
+        return False
+    try:
+        return connection.recv(1, socket.MSG_PEEK) == b""
+    except OSError:
+        return True
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    """A local Ray whose custom resources stand in for vision and language GPUs (2 of each)."""
+    import ray
+
+    ray.init(
+        num_cpus=2, resources={"vision_gpu": 2, "lm_gpu": 2}, include_dashboard=False,
+        object_store_memory=200 * 1024**2,
+    )
+    yield
+    ray.shutdown()
+
+
+def ray_test_config(model, topology: str = "dvd", vision_replicas: int = 2, **settings):
+    """The `ServeConfig` the Ray tests run: float32, replicas placed on `local_ray`'s stand-in resources."""
+    from dvd_serve.server.serve_config import PoolConfig, ServeConfig
+
+    vision_pool = settings.pop("vision_pool", {})
+    language_pool = settings.pop("language_pool", {})
+    return ServeConfig(
+        model=str(model),
+        topology=topology,
+        dtype="float32",
+        vision_pool=PoolConfig(replicas=vision_replicas, num_cpus=0, resources={"vision_gpu": 1}, **vision_pool),
+        language_pool=PoolConfig(num_cpus=0, resources={"lm_gpu": 1}, **language_pool),
+        grpc_auth_token="pipeline-test-token",
+        **settings,
+    )

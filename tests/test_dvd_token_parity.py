@@ -12,6 +12,7 @@ import asyncio
 import pytest
 
 from dvd_serve.common.chat import ChatJob, ChatMessage, ImagePart, SamplingConfig, TextPart
+from dvd_serve.lm_worker.context_budget import prompt_token_count
 from dvd_serve.lm_worker.engine import LanguageEngineConfig
 from dvd_serve.lm_worker.prompt import render_prompt
 from dvd_serve.lm_worker.worker import LanguageWorker, LanguageWorkerConfig
@@ -47,15 +48,22 @@ async def _decoupled_tokens(model: str, jobs: list[ChatJob]) -> tuple[list[list[
     try:
         prompts = [render_prompt(lm.engine.tokenizer, job.messages, lm.engine.spec) for job in jobs]
 
-        async def one(job: ChatJob) -> tuple[list[int], list[int]]:
+        async def one(job: ChatJob, prompt: str) -> tuple[list[int], list[int]]:
             outcome_task = asyncio.create_task(vision.process(job.request_id, job.images, lm.grpc_address))
             tokens: list[int] = []
+            engine_prompt_tokens: list[int] = []
             async for delta in lm.generate(job, expected_images=len(job.images)):
                 tokens.extend(delta.token_ids)
+                if delta.prompt_token_count is not None:
+                    engine_prompt_tokens.append(delta.prompt_token_count)
             outcome = await outcome_task
+            # The context budget is decided from our own count before the engine sees the request: it must be
+            # vLLM's count exactly, images expanded.
+            counted = prompt_token_count(lm.engine.tokenizer, prompt, lm.engine.spec, outcome.tokens_per_image)
+            assert engine_prompt_tokens == [counted]
             return tokens, outcome.tokens_per_image
 
-        results = await asyncio.gather(*(one(job) for job in jobs))
+        results = await asyncio.gather(*(one(job, prompt) for job, prompt in zip(jobs, prompts, strict=True)))
         return [tokens for tokens, _ in results], prompts, [counts for _, counts in results]
     finally:
         await vision.close()

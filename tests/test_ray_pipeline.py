@@ -17,7 +17,7 @@ from dvd_serve.common.chat import ChatJob, ChatMessage, Detail, ImagePart, Sampl
 from dvd_serve.common.errors import InvalidRequestError, PayloadTooLargeError, ServingError, UnavailableError
 from dvd_serve.server.replica_choice import least_outstanding
 from dvd_serve.server.serve_config import PoolConfig, ServeConfig
-from tests.dvd_fixtures import data_url, synthetic_image
+from tests.dvd_fixtures import data_url, local_ray, ray_test_config, synthetic_image  # noqa: F401 (fixture)
 
 MAX_TOKENS = 6
 TILES_HIGH = (3, 1)  # tiles of the two test images (896x448 -> 2 + thumbnail, 448x448 -> 1)
@@ -133,38 +133,16 @@ def test_language_side_gets_jobs_without_image_bytes():
 # --- a local Ray ------------------------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def local_ray():
-    import ray
-
-    ray.init(
-        num_cpus=2, resources={"vision_gpu": 2, "lm_gpu": 2}, include_dashboard=False,
-        object_store_memory=200 * 1024**2,
-    )
-    yield
-    ray.shutdown()
-
-
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def pipelines(local_ray, tiny_flash_checkpoint):
     from dvd_serve.server.metrics import ServingMetrics
     from dvd_serve.server.ray_pipeline import RayPipeline
 
-    def config(topology: str, vision_replicas: int) -> ServeConfig:
-        return ServeConfig(
-            model=str(tiny_flash_checkpoint),
-            topology=topology,
-            dtype="float32",
-            vision_pool=PoolConfig(replicas=vision_replicas, num_cpus=0, resources={"vision_gpu": 1}),
-            language_pool=PoolConfig(num_cpus=0, resources={"lm_gpu": 1}),
-            grpc_auth_token="pipeline-test-token",
-        )
-
     progress: list[str] = []
     metrics = ServingMetrics()
     dvd, coupled = await asyncio.gather(
-        RayPipeline.start(config("dvd", 2), progress.append, metrics=metrics),
-        RayPipeline.start(config("coupled", 1), progress.append),
+        RayPipeline.start(ray_test_config(tiny_flash_checkpoint, "dvd", 2), progress.append, metrics=metrics),
+        RayPipeline.start(ray_test_config(tiny_flash_checkpoint, "coupled", 1), progress.append),
     )
     assert sum("ready on node" in line for line in progress) == 4  # 2 vision + 1 language + 1 coupled
     yield {"dvd": dvd, "coupled": coupled, "metrics": metrics}

@@ -12,21 +12,18 @@ from __future__ import annotations
 
 import json
 import signal
-import socket
 import subprocess
 import sys
-import threading
 import time
 import urllib.error
 import urllib.request
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import openai
 import pytest
 
 from dvd_serve.lm_worker.vllm_plugin import flash_monolithic_overrides
-from tests.dvd_fixtures import data_url, png_bytes, synthetic_image
+from tests.dvd_fixtures import ImageOrigin, data_url, free_port, png_bytes, synthetic_image
 
 READY_TIMEOUT_S = 420
 MAX_TOKENS = 8
@@ -43,7 +40,9 @@ def test_command_line_becomes_one_serve_config(tiny_flash_checkpoint, monkeypatc
         "serve", "--model", str(tiny_flash_checkpoint), "--port", "9001", "--topology", "coupled",
         "--vision-replicas", "2", "--lm-replicas", "3", "--lm-gpus-per-replica", "0.5", "--lm-cpus-per-replica", "2",
         "--lm-resources", '{"lm_gpu": 1}', "--api-key", "from-flag", "--address", "ray-head:6379",
-        "--max-model-len", "2048", "--allow-private-image-urls",
+        "--max-model-len", "2048", "--allow-private-image-urls", "--max-tiles-per-image", "6",
+        "--max-image-pixels", "1000000", "--request-timeout", "30", "--retry-after", "5",
+        "--vision-max-outstanding", "4", "--lm-max-outstanding", "0",
     ])
     config = config_from_args(args)
     assert (config.topology, config.max_model_len, config.ray_address) == ("coupled", 2048, "ray-head:6379")
@@ -55,6 +54,27 @@ def test_command_line_becomes_one_serve_config(tiny_flash_checkpoint, monkeypatc
     assert config.image_fetch.allow_private_networks
     assert config.grpc_auth_token is not None and len(config.grpc_auth_token.get_secret_value()) >= 32
     assert config.grpc_auth_token != config_from_args(args).grpc_auth_token  # a fresh token per deployment
+    assert (config.gateway.max_tiles_per_image, config.vision_worker_config().max_tiles_per_image) == (6, 6)
+    assert config.image_decode.max_pixels == config.vision_worker_config().decode.max_pixels == 1_000_000
+    assert (config.gateway.request_timeout_s, config.gateway.retry_after_s) == (30.0, 5)
+    assert (config.vision_pool.max_outstanding_per_replica, config.language_pool.max_outstanding_per_replica) == (
+        4, None  # 0 = no bound
+    )
+
+
+def test_limit_flags_left_out_keep_the_config_defaults(tiny_flash_checkpoint):
+    from dvd_serve.server.cli import build_parser
+    from dvd_serve.server.serve import config_from_args
+    from dvd_serve.server.serve_config import ServeConfig
+
+    config = config_from_args(build_parser().parse_args(["serve", "--model", str(tiny_flash_checkpoint)]))
+    defaults = ServeConfig(model=str(tiny_flash_checkpoint))
+    assert config.gateway.max_tiles_per_image == defaults.gateway.max_tiles_per_image
+    assert config.gateway.request_timeout_s == defaults.gateway.request_timeout_s
+    assert config.gateway.retry_after_s == defaults.gateway.retry_after_s
+    assert config.image_decode == defaults.image_decode
+    assert config.vision_pool.max_outstanding_per_replica == defaults.vision_pool.max_outstanding_per_replica
+    assert config.language_pool.max_outstanding_per_replica == defaults.language_pool.max_outstanding_per_replica
 
 
 def test_without_a_model_serve_makes_the_tiny_flash_checkpoint_once(session_tmp):
@@ -72,42 +92,14 @@ def test_without_a_model_serve_makes_the_tiny_flash_checkpoint_once(session_tmp)
     assert (spec.flash, spec.fmt, spec.model_id) == (True, "chat", "tiny-flash")
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-class _ImageHandler(BaseHTTPRequestHandler):
-    images: dict[str, bytes] = {}
-
-    def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
-        body = self.images.get(self.path)
-        if body is None:
-            self.send_error(404)
-            return
-        self.send_response(200)
-        self.send_header("Content-Type", "image/png")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, *args) -> None:
-        pass
-
-
 @pytest.fixture(scope="module")
 def image_host():
-    _ImageHandler.images = {
+    images = {
         "/wide.png": png_bytes(synthetic_image(896, 448, seed=11)),
         "/square.png": png_bytes(synthetic_image(896, 896, seed=12)),
     }
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _ImageHandler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_address[1]}"
-    server.shutdown()
-    server.server_close()
+    with ImageOrigin(images) as origin:
+        yield origin.base_url
 
 
 class _Server:
@@ -150,7 +142,7 @@ def servers(tiny_flash_checkpoint, session_tmp):
     model = str(tiny_flash_checkpoint)
     ours = _Server(
         "dvd-serve",
-        [str(Path(sys.executable).parent / "dvd-serve"), "serve", "--model", model, "--port", str(port := _free_port()),
+        [str(Path(sys.executable).parent / "dvd-serve"), "serve", "--model", model, "--port", str(port := free_port()),
          "--dtype", "float32", "--allow-private-image-urls", "--drain-timeout", "120"],
         port, "/ready", session_tmp / "dvd-serve-e2e.log",
     )
@@ -158,7 +150,7 @@ def servers(tiny_flash_checkpoint, session_tmp):
         "vllm",
         [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model, "--trust-remote-code",
          "--dtype", "float32", "--max-model-len", "4096", "--enforce-eager", "--seed", "0",
-         "--host", "127.0.0.1", "--port", str(reference_port := _free_port()),
+         "--host", "127.0.0.1", "--port", str(reference_port := free_port()),
          "--hf-overrides", json.dumps(flash_monolithic_overrides()), "--limit-mm-per-prompt", '{"image": 4}'],
         reference_port, "/health", session_tmp / "vllm-e2e.log",
     )
@@ -265,6 +257,8 @@ def test_sigterm_drains_running_requests_and_exits_cleanly(servers):
     with pytest.raises(openai.APIStatusError) as refused:
         client.chat.completions.create(model=model, messages=[{"role": "user", "content": "Hi"}], max_tokens=2)
     assert refused.value.status_code == 503
+    assert refused.value.response.headers["retry-after"] == "1"
+    assert refused.value.body["code"] == "shutting_down"
 
     rest = list(chunks)
     usage = rest[-1].usage

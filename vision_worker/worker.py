@@ -34,6 +34,12 @@ class VisionWorkerConfig(FrozenConfig):
     decode: DecodeLimits = Field(default_factory=DecodeLimits, description="Accepted formats and size limits.")
     fetch: UrlFetchConfig = Field(default_factory=UrlFetchConfig, description="SSRF guard and caps for http(s) URLs.")
     preprocess_threads: int = Field(default=2, ge=1, description="Threads tiling and normalising images.")
+    max_tiles_per_image: int | None = Field(
+        default=None,
+        ge=1,
+        description="Most grid tiles (thumbnail excluded) any image is cut into, also when the request names no "
+        "`max_tiles`; None = the checkpoint's own maximum (max_dynamic_patch).",
+    )
     push_timeout_s: float = Field(default=30.0, gt=0, description="Deadline of one embedding push.")
     grpc_auth_token: str | None = Field(default=None, description="Token presented to language replicas' sinks.")
 
@@ -123,7 +129,10 @@ class VisionWorker:
     def _max_tiles(self, part: ImagePart) -> int | None:
         if part.detail is Detail.LOW and not self.spec.flash:
             return 1  # one 448x448 tile of the whole image
-        return part.max_tiles
+        cap = self.config.max_tiles_per_image
+        if cap is None:
+            return part.max_tiles
+        return min(part.max_tiles if part.max_tiles is not None else self.spec.max_tiles, cap)
 
     def _sender(self, address: str) -> EmbeddingSender:
         sender = self._senders.get(address)

@@ -1,7 +1,8 @@
 """Early checks of `image_url.url` values, done by the gateway before any image work is scheduled.
 
-Accepted: `data:image/<subtype>[;param=value...];base64,<strict base64>` and http(s) URLs that pass the vision
-service's own URL parser (`vision_worker.url_fetch.parse_image_url`, so both sides read URLs the same way).
+Accepted: `data:image/<subtype>[;param=value...];base64,<strict base64>` (`data:` and `;base64` in lower case,
+as the vision side's `image_source` reads them) and http(s) URLs that pass the vision service's own URL parser
+(`vision_worker.url_fetch.parse_image_url`), so both sides read every URL the same way.
 Everything else (file://, ftp:, bare paths, percent-encoded data URLs, bad base64, empty data) is a 400 whose
 `param` names the content part. Address checks (private networks, DNS) happen where the fetch happens.
 """
@@ -14,12 +15,12 @@ import re
 from dvd_serve.common.errors import InvalidRequestError, ServingError
 from dvd_serve.vision_worker.url_fetch import parse_image_url
 
-_DATA_URL_HEADER = re.compile(r"^data:image/[a-z0-9.+-]+(?:;[a-z0-9._+-]+=[a-z0-9._+-]+)*;base64,", re.IGNORECASE)
+_DATA_URL_HEADER = re.compile(r"^data:image/[A-Za-z0-9.+-]+(?:;[A-Za-z0-9._+-]+=[A-Za-z0-9._+-]+)*;base64,")
 
 
 def check_image_reference(url: str, param: str) -> None:
     """Raises `InvalidRequestError` (param = `param`) unless `url` is a usable data URL or http(s) URL."""
-    if url[:5].lower() == "data:":
+    if url.startswith("data:"):
         _check_data_url(url, param)
         return
     try:

@@ -92,6 +92,7 @@ def build_sampling(request: ChatCompletionRequest, config: GatewayConfig, max_mo
     stop = request.stop
     return SamplingConfig(
         max_tokens=max_tokens or max(1, min(config.default_max_tokens, max_model_len - 1)),
+        max_tokens_param=given_field if max_tokens is not None else None,
         temperature=1.0 if request.temperature is None else request.temperature,
         top_p=1.0 if request.top_p is None else request.top_p,
         seed=request.seed,
