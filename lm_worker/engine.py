@@ -203,13 +203,13 @@ def _vllm_client_error() -> type[Exception]:
     return VLLMClientError
 
 
-def to_vllm_sampling_params(config: SamplingConfig, max_tokens: int | None = None):
-    """vLLM's parameters for `config`; `max_tokens` overrides the config's (the budget the context leaves)."""
+def to_vllm_sampling_params(config: SamplingConfig, max_tokens: int):
+    """vLLM's parameters for `config`, with `max_tokens` the output budget the context leaves."""
     from vllm import SamplingParams
     from vllm.sampling_params import RequestOutputKind
 
     return SamplingParams(
-        max_tokens=config.max_tokens if max_tokens is None else max_tokens,
+        max_tokens=max_tokens,
         temperature=config.temperature,
         top_p=config.top_p,
         seed=config.seed,

@@ -4,13 +4,13 @@ the gateway has admission control, jobs holding an admission place (names as def
 
 from __future__ import annotations
 
-import urllib.request
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from prometheus_client.parser import text_string_to_metric_families
 
 from dvd_serve.loadtests.soak_accounting import CHAT_ENDPOINT, Check
+from dvd_serve.loadtests.stage_metrics import fetch_exposition
 
 REQUESTS = "dvd_http_requests"
 STREAM_ABORTS = "dvd_stream_aborts"
@@ -48,11 +48,7 @@ def parse_scrape(exposition: str) -> GatewayScrape:
 
 
 def scrape_gateway(base_url: str, api_key: str | None = None, timeout_s: float = 10.0) -> GatewayScrape:
-    request = urllib.request.Request(base_url.rstrip("/") + "/metrics")
-    if api_key:
-        request.add_header("authorization", f"Bearer {api_key}")
-    with urllib.request.urlopen(request, timeout=timeout_s) as response:
-        return parse_scrape(response.read().decode("utf-8"))
+    return parse_scrape(fetch_exposition(base_url, api_key, timeout_s))
 
 
 def counter_delta(before: Mapping[str, float], after: Mapping[str, float]) -> dict[str, float]:

@@ -61,9 +61,17 @@ def parse_totals(exposition: str) -> dict[str, Totals]:
     return {name: Totals(sums[name], counts.get(name, 0.0)) for name in sums}
 
 
+def fetch_exposition(base_url: str, api_key: str | None = None, timeout_s: float = 10.0) -> str:
+    """The text a server's `/metrics` answers (with `authorization: Bearer <api_key>` when given)."""
+    request = urllib.request.Request(base_url.rstrip("/") + "/metrics")
+    if api_key:
+        request.add_header("authorization", f"Bearer {api_key}")
+    with urllib.request.urlopen(request, timeout=timeout_s) as response:
+        return response.read().decode("utf-8")
+
+
 def scrape(base_url: str, timeout_s: float = 10.0) -> dict[str, Totals]:
-    with urllib.request.urlopen(base_url.rstrip("/") + "/metrics", timeout=timeout_s) as response:
-        return parse_totals(response.read().decode("utf-8"))
+    return parse_totals(fetch_exposition(base_url, timeout_s=timeout_s))
 
 
 def stage_means(before: Mapping[str, Totals], after: Mapping[str, Totals]) -> dict[str, float]:

@@ -72,11 +72,17 @@ def _portable_errors() -> Iterator[None]:
         raise RemoteServingError.wrap(error) from None
 
 
+def remote_serving_error(error: BaseException) -> ServingError | None:
+    """The `ServingError` a replica raised, if that is what failed the actor call."""
+    cause = error.cause if isinstance(error, RayTaskError) else error
+    return cause.unwrap() if isinstance(cause, RemoteServingError) else None
+
+
 def to_serving_error(error: BaseException, pool: str) -> ServingError:
     """What a failed actor call means for the client, with a fixed message."""
-    cause = error.cause if isinstance(error, RayTaskError) else error
-    if isinstance(cause, RemoteServingError):
-        return cause.unwrap()
+    remote = remote_serving_error(error)
+    if remote is not None:
+        return remote
     if isinstance(error, RayActorError):
         return UnavailableError(f"A {pool} replica stopped while serving the request.", code="replica_unavailable")
     logger.error("unexpected failure in the %s pool: %r", pool, error)
@@ -261,8 +267,8 @@ class CoupledActor(_Replica):
 
 
 def _is_engine_death(error: BaseException) -> bool:
-    cause = error.cause if isinstance(error, RayTaskError) else error
-    return isinstance(cause, RemoteServingError) and cause.unwrap().code == ENGINE_DEAD_CODE
+    remote = remote_serving_error(error)
+    return remote is not None and remote.code == ENGINE_DEAD_CODE
 
 
 def _require_live_engine(engine) -> None:

@@ -47,6 +47,11 @@ from dvd_serve.vision_worker.worker import VisionOutcome
 
 logger = logging.getLogger(__name__)
 
+# Failures that mean the language replica is gone, even when no call reported its actor dead: its engine died
+# (the watchdog is about to end the process), or its embedding sink cannot be reached (Ray may already have
+# restarted it, with the sink on a new port that only `ready()` tells). Out of the choice until a probe answers.
+_REPLICA_GONE_CODES = frozenset({ENGINE_DEAD_CODE, SINK_UNAVAILABLE_CODE})
+
 ACTOR_CLASSES = {"vision": VisionActor, "language": LanguageActor, "coupled": CoupledActor}
 STARTUP_REPORT_INTERVAL_S = 15.0
 
@@ -254,9 +259,7 @@ class RayPipeline:
                 await asyncio.wait({next_delta, vision_task}, return_when=asyncio.FIRST_COMPLETED)
             vision_failure = _failure(vision_task) if vision_task is not None else None
             if vision_failure is not None:
-                if getattr(vision_failure, "code", None) == SINK_UNAVAILABLE_CODE:
-                    # The language replica's sink is gone: Ray may already have restarted it at a new address,
-                    # which only its `ready()` tells. Out of the choice until the probe has the new address.
+                if getattr(vision_failure, "code", None) in _REPLICA_GONE_CODES:
                     pool.mark_dead(replica)
                 raise vision_failure
             return await next_delta
@@ -264,7 +267,7 @@ class RayPipeline:
             raise UnavailableError(f"A {pool.name} replica ended the answer early.", code="stream_ended") from None
         except RayError as error:
             serving_error = to_serving_error(error, pool.name)
-            if isinstance(error, RayActorError) or serving_error.code == ENGINE_DEAD_CODE:
+            if isinstance(error, RayActorError) or serving_error.code in _REPLICA_GONE_CODES:
                 pool.mark_dead(replica)
             raise serving_error from None
         finally:

@@ -17,6 +17,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from dvd_serve.loadtests.systems import free_port  # noqa: F401 (re-exported for the tests)
+
 # (width, height) chosen so the default tiling (max 12 + thumbnail) gives 1, 3, 5, 7, 10 and 13 tiles.
 SIZES_BY_TILES = {1: (448, 448), 3: (896, 448), 5: (896, 896), 7: (1344, 896), 10: (1344, 1344), 13: (1792, 1344)}
 
@@ -62,12 +64,6 @@ def monolithic_vllm_greedy(
     finally:
         del llm
         gc.collect()
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def wait_until(condition: Callable[[], bool], timeout_s: float, interval_s: float = 0.05) -> bool:

@@ -55,7 +55,7 @@ from dvd_serve.vision_worker import url_fetch
 from dvd_serve.vision_worker.image_decode import BOMB_MESSAGE, UNREADABLE_MESSAGE, DecodeLimits, decode_image
 from dvd_serve.vision_worker.tiling import plan_tiles
 from dvd_serve.vision_worker.url_fetch import UrlFetchConfig
-from tests.dvd_fixtures import data_url, png_bytes, synthetic_image
+from tests.dvd_fixtures import data_url, free_port, png_bytes, synthetic_image
 from tests.test_gateway_api import AsgiCall
 from tests.test_image_decode import FORBIDDEN_PAYLOADS, _corrupt_payloads, _encode, _png_declaring, _tiny
 from tests.test_transport import Frames, HandBuiltStreamDouble
@@ -147,12 +147,6 @@ def visual_tokens(response: httpx.Response) -> int:
 
 def rss(pid: int) -> int:
     return psutil.Process(pid).memory_info().rss
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 async def raw_http(port: int, request: bytes, timeout: float = FAST_REFUSAL_S) -> tuple[int | None, bytes]:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import math
-import socket
 import zlib
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
@@ -36,6 +35,7 @@ from dvd_serve.proto.status import ERROR_CODE_METADATA_KEY
 from dvd_serve.proto.v1 import embeddings_pb2 as pb
 from dvd_serve.proto.v1 import embeddings_pb2_grpc as pb_grpc
 from dvd_serve.vision_worker.embedding_sender import EmbeddingSender, EmbeddingSenderConfig
+from tests.dvd_fixtures import free_port
 
 HIDDEN = 64
 SMALL_CHUNK = 4096
@@ -594,12 +594,6 @@ async def test_cancelling_the_sender_task_cancels_the_push() -> None:
             await push
         await wait_until(lambda: sink.store.stats().pending_pushes == 0)
         sink.assert_empty()
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 async def test_sender_retries_unavailable_until_the_server_is_up() -> None:
