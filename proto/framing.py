@@ -75,7 +75,7 @@ def iter_chunks(payload: memoryview, layout: ChunkLayout) -> Iterator[tuple[int,
 
 def checksum(data: memoryview | bytes) -> int:
     """CHECKSUM_ALGORITHM_CRC32 of one chunk: zlib's CRC-32, computed by ISA-L with carry-less multiplication
-    (the same values as `zlib.crc32`, about 4x faster here). It releases the GIL while it runs."""
+    (the same values as `zlib.crc32`, about 11x faster here). It releases the GIL while it runs."""
     return _isal_crc32(data)
 
 
