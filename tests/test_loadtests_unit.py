@@ -402,3 +402,26 @@ def test_cli_runs_locust_and_exits_by_fail_ratio(scripted_server, tmp_path, mode
     assert len(list(csv.DictReader((tmp_path / "samples.csv").open()))) == len(samples)
     if mode == "poisson":  # open loop: exactly the seeded arrivals were sent, in dataset order
         assert sorted(sample.request_index for sample in samples) == list(range(len(poisson_arrivals(8, 2, 1))))
+
+
+def test_vs_vllm_cpu_delta_counts_new_processes_from_zero_and_groups_by_label():
+    from dvd_serve.loadtests.benchmarks.vs_vllm import cpu_delta
+
+    before = {1: ("gateway", 2.0), 2: ("language", 5.0)}
+    after = {1: ("gateway", 2.5), 2: ("language", 6.0), 3: ("language", 0.25)}
+    assert cpu_delta(before, after) == {"gateway": 0.5, "language": 1.25}
+
+
+def test_vs_vllm_workloads_parse_with_vllms_own_benchmark_arguments():
+    from vllm.benchmarks import serve as vllm_bench
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    from dvd_serve.loadtests.benchmarks.vs_vllm import workloads
+
+    parser = FlexibleArgumentParser()
+    vllm_bench.add_cli_args(parser)
+    for workload in workloads(64, 16).values():
+        args = parser.parse_args(["--model", "m", *workload.client_args])
+        assert args.random_input_len == 64 and args.random_output_len == 16
+    image = parser.parse_args(["--model", "m", *workloads(64, 16)["image896"].client_args])
+    assert image.random_mm_bucket_config == {(896, 896, 1): 1.0}
