@@ -24,6 +24,7 @@ from pathlib import Path
 
 import psutil
 
+from dvd_serve.loadtests.bench import BenchConfig, prepare_checkpoints, ratio
 from dvd_serve.loadtests.machine import machine_facts
 from dvd_serve.loadtests.soak_processes import ServingProcesses
 from dvd_serve.loadtests.systems import SYSTEMS, ServerProcess, ServerSettings, free_port
@@ -133,8 +134,8 @@ def served_model(base_url: str) -> str:
         return json.load(response)["data"][0]["id"]
 
 
-def run_client(base_url: str, model: Path, workload: Workload, concurrency: int, num_prompts: int,
-               seed: int, result_dir: Path) -> dict:
+def run_client(base_url: str, served_name: str, model: Path, workload: Workload, concurrency: int,
+               num_prompts: int, seed: int, result_dir: Path) -> dict:
     """One level of vLLM's own benchmark client, in this process; its result JSON."""
     from vllm.benchmarks import serve as vllm_bench
     from vllm.utils.argparse_utils import FlexibleArgumentParser
@@ -144,7 +145,8 @@ def run_client(base_url: str, model: Path, workload: Workload, concurrency: int,
     result_dir.mkdir(parents=True, exist_ok=True)
     args = parser.parse_args([
         "--backend", "openai-chat", "--endpoint", "/v1/chat/completions", "--base-url", base_url,
-        "--model", str(model), "--served-model-name", served_model(base_url), "--tokenizer", str(model), "--trust-remote-code", *workload.client_args,
+        "--model", str(model), "--served-model-name", served_name, "--tokenizer", str(model), "--trust-remote-code",
+        *workload.client_args,
         "--num-prompts", str(num_prompts), "--max-concurrency", str(concurrency), "--request-rate", "inf",
         "--ignore-eos", "--temperature", "0", "--seed", str(seed),
         "--percentile-metrics", "ttft,tpot,e2el", "--metric-percentiles", "50,99",
@@ -163,12 +165,13 @@ def run_system(key: str, model: Path, settings: ServerSettings, plan: Sequence[t
                        out / "logs" / f"{name}.log", env={"VLLM_CPU_KVCACHE_SPACE": "1"}) as server:
         ready_s = server.start(START_TIMEOUT_S)
         print(f"{name}: ready in {ready_s:.1f} s", file=sys.stderr)
+        served_name = served_model(server.base_url)
         meter = CpuMeter(server.process.pid, dvd=key != "a")
         for workload, concurrency in plan:
-            run_client(server.base_url, model, workload, concurrency, WARMUP_PROMPTS, seed + 1,
+            run_client(server.base_url, served_name, model, workload, concurrency, WARMUP_PROMPTS, seed + 1,
                        out / "raw" / name / "warmup")
             before = meter.read()
-            raw = run_client(server.base_url, model, workload, concurrency, num_prompts, seed,
+            raw = run_client(server.base_url, served_name, model, workload, concurrency, num_prompts, seed,
                              out / "raw" / name / f"{workload.name}-c{concurrency}")
             after = meter.read()
             completed = int(raw.get("completed", 0))
@@ -189,10 +192,6 @@ def _level_line(level: LevelResult) -> str:
     return (f"{level.system:9} {level.workload:9} c={level.concurrency:<3} {c['req_s']:7.1f} req/s  "
             f"TTFT p50 {c['ttft_p50_ms']:7.1f} ms  TPOT p50 {c['tpot_p50_ms']:6.1f} ms  "
             f"E2E p50 {c['e2e_p50_ms']:7.1f} ms  failed {level.failed}")
-
-
-def ratio(numerator: float, denominator: float) -> float:
-    return numerator / denominator if denominator else float("nan")
 
 
 def report(results: list[LevelResult], facts: dict, wall_s: float) -> str:
@@ -240,7 +239,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
-    model = Path(args.checkpoint) if args.checkpoint else _generated_checkpoint(args.shape, args.seed)
+    model = Path(args.checkpoint) if args.checkpoint else prepare_checkpoints(
+        BenchConfig(shape=args.shape, seed=args.seed, systems=("a", "c")), lambda line: print(line, file=sys.stderr)
+    )["chat"]
     known = workloads(args.input_len, args.output_len)
     plan = [(known[name], int(c)) for name in args.workloads.split(",") for c in args.concurrency.split(",")]
     settings = ServerSettings(max_num_seqs=max(64, max(c for _, c in plan)))
@@ -259,16 +260,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _vllm_version(facts: dict) -> str:
     return next((f"{name} {version}" for name, version in facts.items() if name.startswith("vllm")), "?")
-
-
-def _generated_checkpoint(shape: str, seed: int) -> Path:
-    from dvd_serve.common.checkpoint.generate import make_checkpoint
-    from dvd_serve.server.default_model import cache_root
-
-    folder = cache_root() / "bench-checkpoints" / f"{shape}-chat-seed{seed}-float32"
-    if not (folder / "config.json").exists():
-        make_checkpoint(folder, fmt="chat", shape=shape, flash=False, seed=seed, dtype="float32")
-    return folder
 
 
 if __name__ == "__main__":
