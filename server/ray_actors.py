@@ -141,7 +141,7 @@ class _Replica:
         try:
             with _portable_errors():
                 async for delta in stream:
-                    finished = delta.finish_reason is not None
+                    finished = delta.ends_stream
                     yield delta
         finally:
             try:

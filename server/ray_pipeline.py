@@ -79,9 +79,11 @@ def shutdown_ray() -> None:
 def without_image_data(job: ChatJob) -> ChatJob:
     """`job` with image URLs blanked: the language side needs only where the images go, not their bytes."""
     messages = tuple(
-        ChatMessage(
-            message.role,
-            tuple(dataclasses.replace(part, url="") if isinstance(part, ImagePart) else part for part in message.parts),
+        dataclasses.replace(
+            message,
+            parts=tuple(
+                dataclasses.replace(part, url="") if isinstance(part, ImagePart) else part for part in message.parts
+            ),
         )
         for message in job.messages
     )
@@ -242,7 +244,7 @@ class RayPipeline:
                         totals = _first_timings(delta.timings, outcome)
                     elif delta.timings is not None:
                         totals.inference_s = delta.timings.inference_s
-                    finished = delta.finish_reason is not None
+                    finished = delta.ends_stream
                     if first or finished:
                         delta.timings = dataclasses.replace(totals)
                     yield delta

@@ -71,7 +71,7 @@ class ScriptedPipelineDouble:
                     await asyncio.Event().wait()
                 if isinstance(item, BaseException):
                     raise item
-                if isinstance(item, GenerationDelta) and item.finish_reason is not None:
+                if isinstance(item, GenerationDelta) and item.ends_stream:
                     completed = True  # the answer is complete once its final delta is handed over
                 yield item
         finally:
