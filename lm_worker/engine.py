@@ -39,7 +39,11 @@ class LanguageEngineConfig(FrozenConfig):
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
         default="auto", description="Weights and activations dtype; auto = bfloat16 on GPU, float32 on CPU."
     )
-    max_model_len: int = Field(default=4096, ge=256, description="Context length (visual + text + output tokens).")
+    max_model_len: int | None = Field(
+        default=None, ge=256,
+        description="Context length (visual + text + output tokens); None = the checkpoint's own, lowered to what "
+        "the KV cache holds (vLLM's auto-fit, which logs the value it chose).",
+    )
     max_num_seqs: int = Field(default=64, ge=1, description="Requests decoded together.")
     max_images_per_request: int = Field(default=16, ge=1, description="Images one prompt may carry.")
     gpu_memory_utilization: float = Field(
@@ -71,7 +75,7 @@ def build_engine_args(config: LanguageEngineConfig, spec: CheckpointSpec):
         model=config.model,
         trust_remote_code=spec.fmt == "chat",
         dtype=resolve_dtype(config.dtype),
-        max_model_len=config.max_model_len,
+        max_model_len=-1 if config.max_model_len is None else config.max_model_len,  # -1: vLLM's auto-fit
         max_num_seqs=config.max_num_seqs,
         enforce_eager=enforce_eager,
         enable_prefix_caching=config.enable_prefix_caching,

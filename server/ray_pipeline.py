@@ -72,6 +72,14 @@ def connect_ray(config: ServeConfig, report: Callable[[str], None]) -> bool:
     return True
 
 
+def context_length_report(configured: int | None, engine: int) -> str:
+    """The start-up line about the context length, saying when it is below what was asked for."""
+    if configured is None:
+        return (f"context length: {engine} tokens (the checkpoint's own, or less when the KV cache cannot hold it: "
+                "see vLLM's 'Auto-fit max_model_len' line above; set --max-model-len to choose)")
+    return f"context length: {engine} tokens (--max-model-len)"
+
+
 def shutdown_ray() -> None:
     ray.shutdown()
 
@@ -132,7 +140,9 @@ class RayPipeline:
                 ray.shutdown()
             raise
         report("all replicas ready")
-        return cls(config, pools, tokenizer, owns_ray, metrics)
+        pipeline = cls(config, pools, tokenizer, owns_ray, metrics)
+        report(context_length_report(config.max_model_len, pipeline.max_model_len))
+        return pipeline
 
     @property
     def model_id(self) -> str:
@@ -140,7 +150,12 @@ class RayPipeline:
 
     @property
     def max_model_len(self) -> int:
-        return self.config.max_model_len
+        """The context length the language engines run with (the checkpoint's, or what their KV cache holds)."""
+        lengths = [
+            replica.info.max_model_len for pool in self.pools.values() for replica in pool.replicas
+            if replica.info is not None and replica.info.max_model_len is not None
+        ]
+        return min(lengths) if lengths else (self.config.max_model_len or 0)
 
     @property
     def in_flight(self) -> int:

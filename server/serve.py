@@ -44,7 +44,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                         help="compute dtype; auto = bfloat16 on GPU, float32 on CPU")
     parser.add_argument("--topology", choices=("dvd", "coupled"), default="dvd",
                         help="dvd: separate vision and language pools; coupled: both in one replica (baseline)")
-    parser.add_argument("--max-model-len", type=int, default=4096, help="context length (default: 4096)")
+    parser.add_argument("--max-model-len", type=int,
+                        help="context length (default: the checkpoint's, lowered to what the KV cache holds)")
     parser.add_argument("--max-images-per-request", type=int, default=16, help="images per request (default: 16)")
     parser.add_argument("--max-num-seqs", type=int, default=64, help="requests a language replica decodes together")
     parser.add_argument("--api-key", action="append", default=[], metavar="KEY",

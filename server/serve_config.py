@@ -88,7 +88,11 @@ class ServeConfig(FrozenConfig):
         "baseline where one replica runs vision then language in one process.",
     )
     dtype: Dtype = Field(default="auto", description="Compute dtype of vision and language models; auto = bf16 on GPU.")
-    max_model_len: int = Field(default=4096, ge=256, description="Context length (visual + text + output tokens).")
+    max_model_len: int | None = Field(
+        default=None, ge=256,
+        description="Context length (visual + text + output tokens); None = the checkpoint's own, lowered by vLLM "
+        "to what the KV cache holds (its auto-fit), as reported at start-up.",
+    )
     max_images_per_request: int = Field(default=16, ge=1, description="Images one request may carry.")
     vision_pool: PoolConfig = Field(
         default_factory=PoolConfig, description="Vision replicas (dvd topology only; coupled replicas use the LM pool)."
