@@ -204,6 +204,13 @@ class LanguageEngine:
             )
         return budget
 
+    async def prompt_tokens(self, job) -> list[int]:
+        """The token ids of `job`'s chat (a text-only `ChatJob`) rendered as for generation (vLLM's `/tokenize`)."""
+        from dvd_serve.lm_worker.prompt import render_prompt
+
+        prompt = render_prompt(self.model_config, self.tokenizer, job.messages, self.spec, job.prompt_options)
+        return await asyncio.to_thread(self.tokenizer.encode, prompt, add_special_tokens=False)
+
     async def abort(self, request_id: str) -> None:
         await self._engine.abort(request_id)
 

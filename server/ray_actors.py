@@ -193,6 +193,10 @@ class LanguageActor(_Replica):
         _require_live_engine(worker.engine)
         return _replica_info(worker.grpc_address, worker.engine.max_model_len)
 
+    async def prompt_tokens(self, job: ChatJob) -> list[int]:
+        """`/tokenize`: the prompt token ids of `job`'s text-only chat, rendered as `generate` renders it."""
+        return await (await self._loaded()).engine.prompt_tokens(job)
+
     async def engine_requests(self) -> int:
         """Requests the language engine holds now (running or waiting); aborted ones are gone from it."""
         return (await self._loaded()).engine.unfinished_requests
@@ -233,6 +237,11 @@ class CoupledActor(_Replica):
         engine = LanguageEngine.start(self._config.language_engine_config())
         self._watchdog = asyncio.create_task(_exit_when_dead(engine))
         return vision, engine
+
+    async def prompt_tokens(self, job: ChatJob) -> list[int]:
+        """`/tokenize`: the prompt token ids of `job`'s text-only chat, rendered as `generate` renders it."""
+        _vision, engine = await self._loaded()
+        return await engine.prompt_tokens(job)
 
     async def ready(self) -> ReplicaInfo:
         _vision, engine = await self._loaded()

@@ -173,6 +173,25 @@ class RayPipeline:
         states = await asyncio.gather(*(pool.readiness() for pool in self.pools.values()))
         return dict(zip(self.pools, states, strict=True))
 
+    def engines_alive(self) -> bool:
+        """False when a pool of language engines has no live replica (every engine in it died)."""
+        engine_pools = [pool for name, pool in self.pools.items() if name in ("language", "coupled")]
+        return all(any(replica.alive for replica in pool.replicas) for pool in engine_pools)
+
+    def tokenize_text(self, text: str, add_special_tokens: bool) -> list[int]:
+        return list(self._tokenizer.encode(text, add_special_tokens=add_special_tokens))
+
+    def detokenize(self, token_ids: list[int]) -> str:
+        return self._tokenizer.decode(token_ids)
+
+    async def tokenize_chat(self, job: ChatJob) -> list[int]:
+        pool = self.pools["coupled" if self.config.topology == "coupled" else "language"]
+        replica = pool.choose()
+        try:
+            return await replica.handle.prompt_tokens.remote(job)
+        except RayError as error:
+            raise to_serving_error(error, pool.name) from None
+
     def begin_drain(self) -> None:
         """From now on readiness fails and new jobs are refused; jobs already running go on."""
         self._draining = True

@@ -188,3 +188,35 @@ async def test_a_bad_x_request_id_is_400(client, double):
                                  json={"model": MODEL, "messages": [{"role": "user", "content": "x"}]})
     assert response.status_code == 400 and response.json()["error"]["param"] == "X-Request-Id"
     assert double.jobs == []
+
+
+async def test_tokenize_a_prompt_and_a_text_chat_and_detokenize(client, double):
+    prompt = await client.post("/tokenize", json={"model": MODEL, "prompt": "ab", "return_token_strs": True})
+    assert prompt.json() == {"count": 3, "max_model_len": 4096, "tokens": [1, 97, 98], "token_strs": ["t1", "t97", "t98"]}
+    chat = await client.post("/tokenize", json={"messages": [{"role": "user", "content": "hi"}],
+                                               "chat_template_kwargs": {"x": 1}})
+    assert chat.status_code == 200 and chat.json()["tokens"] == [ord(c) for c in "user:hi"]
+    assert dict(double.jobs[0].prompt_options.template_kwargs) == {"x": 1}
+    back = await client.post("/detokenize", json={"model": MODEL, "tokens": [104, 105]})
+    assert back.json() == {"prompt": "hi"}
+
+
+@pytest.mark.parametrize(("path", "body", "param"), [
+    ("/tokenize", {"messages": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": "https://images.example.com/a.png"}}]}]}, "messages"),
+    ("/tokenize", {"messages": [{"role": "user", "content": "x"}], "chat_template": "{{ 1 }}"}, "chat_template"),
+    ("/tokenize", {"model": "other", "prompt": "x"}, "model"),
+    ("/tokenize", {"prompt": "x", "unknown": 1}, "unknown"),
+    ("/detokenize", {"tokens": [-1]}, "tokens[0]"),
+])
+async def test_tokenize_refusals(client, double, path, body, param):
+    response = await client.post(path, json=body)
+    assert response.status_code in (400, 404) and response.json()["error"]["param"] == param
+
+
+async def test_version_and_health_like_vllm(client, double):
+    version = (await client.get("/version")).json()
+    assert version["version"] and version["vllm_version"]
+    assert (await client.get("/health")).status_code == 200
+    double.engines_are_alive = False
+    assert (await client.get("/health")).status_code == 503

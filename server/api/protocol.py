@@ -359,3 +359,50 @@ class ModelCard(BaseModel):
 class ModelList(BaseModel):
     object: Literal["list"] = "list"
     data: list[ModelCard]
+
+
+# ---- /tokenize and /detokenize, as vLLM has them ----
+
+
+class TokenizePromptRequest(RequestModel):
+    model: str | None = None
+    prompt: str = Field(max_length=400_000)
+    add_special_tokens: StrictBool = Field(default=True, description="Add the tokenizer's special tokens.")
+    return_token_strs: StrictBool | None = Field(default=None, description="Also return each token's text.")
+
+
+class TokenizeChatRequest(RequestModel):
+    model: str | None = None
+    messages: list[ChatMessageIn] = Field(min_length=1)
+    add_generation_prompt: StrictBool = True
+    continue_final_message: StrictBool = False
+    add_special_tokens: StrictBool = False
+    return_token_strs: StrictBool | None = None
+    chat_template_kwargs: dict[str, Any] | None = None
+    documents: list[dict[str, str]] | None = None
+    # vLLM fields dvd-serve refuses (see the chat request): a per-request template, media options, tools.
+    chat_template: Any = None
+    media_io_kwargs: Any = None
+    mm_processor_kwargs: Any = None
+    tools: Any = None
+
+
+class TokenizeResponse(BaseModel):
+    count: int
+    max_model_len: int
+    tokens: list[int]
+    token_strs: list[str] | None = None
+
+
+class DetokenizeRequest(RequestModel):
+    model: str | None = None
+    tokens: list[Annotated[StrictInt, Field(ge=0, le=INT64_MAX)]] = Field(max_length=1_000_000)
+
+
+class DetokenizeResponse(BaseModel):
+    prompt: str
+
+
+class VersionResponse(BaseModel):
+    version: str
+    vllm_version: str | None = None
