@@ -366,7 +366,7 @@ class ModelList(BaseModel):
 
 class TokenizePromptRequest(RequestModel):
     model: str | None = None
-    prompt: str = Field(max_length=400_000)
+    prompt: str
     add_special_tokens: StrictBool = Field(default=True, description="Add the tokenizer's special tokens.")
     return_token_strs: StrictBool | None = Field(default=None, description="Also return each token's text.")
 

@@ -27,6 +27,7 @@ from dvd_serve.server.api.protocol import (
 from dvd_serve.server.api.state import gateway_state
 
 router = APIRouter()
+_ERROR_RESPONSES = {status: {"model": ErrorResponse} for status in (400, 401, 404, 413, 500, 502, 503, 504)}
 _REFUSED_CHAT_FIELDS = ("chat_template", "media_io_kwargs", "mm_processor_kwargs", "tools")
 
 TokenizeBody = Annotated[
@@ -40,7 +41,7 @@ def _check_model(model: str | None, request: Request) -> None:
         raise ModelNotFoundError("The model does not exist.", code="model_not_found", param="model")
 
 
-@router.post("/tokenize", response_model=TokenizeResponse, responses={400: {"model": ErrorResponse}})
+@router.post("/tokenize", response_model=TokenizeResponse, responses=_ERROR_RESPONSES)
 async def tokenize(body: TokenizeBody, request: Request) -> TokenizeResponse:
     state = gateway_state(request)
     _check_model(body.model, request)
@@ -75,7 +76,7 @@ def _text_only_job(body: TokenizeChatRequest, config) -> ChatJob:
                    prompt_options=build_prompt_options(body))
 
 
-@router.post("/detokenize", response_model=DetokenizeResponse, responses={400: {"model": ErrorResponse}})
+@router.post("/detokenize", response_model=DetokenizeResponse, responses=_ERROR_RESPONSES)
 async def detokenize(body: DetokenizeRequest, request: Request) -> DetokenizeResponse:
     _check_model(body.model, request)
     pipeline = gateway_state(request).pipeline
