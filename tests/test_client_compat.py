@@ -12,7 +12,6 @@ import sys
 import time
 from pathlib import Path
 
-import httpx
 import openai
 import pytest
 
@@ -192,36 +191,3 @@ def test_streamed_choices_carry_their_index_and_usage_is_summed(server_pair):
         totals.append((indices, usage.completion_tokens, usage.prompt_tokens))
     assert totals[0] == totals[1] == ({0, 1}, 2 * MAX_TOKENS, totals[1][2])
 
-
-def _root(client: openai.OpenAI) -> str:
-    return str(client.base_url).removesuffix("/").removesuffix("/v1")
-
-
-def test_tokenize_and_detokenize_like_vllm(server_pair):
-    chat = {"messages": [{"role": "system", "content": "Be brief."},
-                         {"role": "user", "content": [_text("Hello"), _text("there")]}]}
-    prompt = {"prompt": "Hello there, <|im_end|> world", "add_special_tokens": True}
-    answers = []
-    for client in server_pair:
-        root = _root(client)
-        tokenized = [httpx.post(root + "/tokenize", json=body, timeout=60).json() for body in (chat, prompt)]
-        back = httpx.post(root + "/detokenize", json={"tokens": tokenized[1]["tokens"]}, timeout=60).json()
-        answers.append(([(answer["count"], answer["tokens"], answer["max_model_len"]) for answer in tokenized], back))
-    assert answers[0] == answers[1]
-
-
-def test_x_request_id_names_the_response_like_vllm(server_pair):
-    ids = []
-    for client in server_pair:
-        model = client.models.list().data[0].id
-        raw = client.chat.completions.with_raw_response.create(
-            model=model, messages=[{"role": "user", "content": "Hi"}], max_tokens=2,
-            extra_headers={"X-Request-Id": "compat-7"})
-        ids.append(raw.parse().id)
-    assert ids == ["chatcmpl-compat-7"] * 2
-
-
-def test_version_answers_like_vllm(server_pair):
-    ours, reference = (httpx.get(_root(client) + "/version", timeout=30) for client in server_pair)
-    assert ours.status_code == reference.status_code == 200
-    assert ours.json()["vllm_version"] == reference.json()["version"]
