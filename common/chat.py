@@ -39,27 +39,61 @@ class ImagePart:
 
 @dataclass(frozen=True, slots=True)
 class ChatMessage:
-    role: str  # "system" | "user" | "assistant"
+    role: str  # "system" | "developer" | "user" | "assistant"
     parts: tuple[TextPart | ImagePart, ...]
+    name: str | None = None  # the message's `name`, passed to the chat template
 
 
 class SamplingConfig(FrozenConfig):
-    """What the client asked for; validated by the gateway before it gets here."""
+    """What the client asked for, validated by the gateway. None = not given: the language engine then applies the
+    checkpoint's `generation_config.json` default, else vLLM's neutral default (as vLLM's own server does)."""
 
-    max_tokens: int = Field(default=256, ge=1, description="Upper bound on generated tokens.")
+    n: int = Field(default=1, ge=1, description="Independent choices generated for the prompt.")
+    max_tokens: int | None = Field(
+        default=None, ge=1,
+        description="Upper bound on generated tokens per choice; None = the rest of the context (bounded by the "
+        "checkpoint's `max_new_tokens` default if it has one).",
+    )
     max_tokens_param: str | None = Field(
         default=None,
         description="Request field that set `max_tokens` (named in the error when prompt + max_tokens exceeds the "
-        "context); None = a default, which the engine lowers to the room the prompt leaves instead.",
+        "context).",
     )
-    temperature: float = Field(default=1.0, ge=0.0, le=2.0, description="0 means greedy decoding.")
-    top_p: float = Field(default=1.0, gt=0.0, le=1.0, description="Nucleus sampling mass.")
+    temperature: float | None = Field(default=None, ge=0.0, le=2.0, description="0 means greedy decoding.")
+    top_p: float | None = Field(default=None, gt=0.0, le=1.0, description="Nucleus sampling mass.")
+    top_k: int | None = Field(default=None, ge=-1, description="Most likely tokens kept; 0 or -1 = all.")
+    min_p: float | None = Field(default=None, ge=0.0, le=1.0, description="Least probability relative to the top.")
+    presence_penalty: float | None = Field(default=None, ge=-2.0, le=2.0, description="Penalty on tokens seen.")
+    frequency_penalty: float | None = Field(default=None, ge=-2.0, le=2.0, description="Penalty per occurrence.")
+    repetition_penalty: float | None = Field(default=None, gt=0.0, description="Multiplicative repeat penalty.")
     seed: int | None = Field(default=None, description="Per-request sampling seed for reproducible sampling.")
-    stop: tuple[str, ...] = Field(default=(), description="Strings that end generation (not included in output).")
+    stop: tuple[str, ...] = Field(default=(), description="Strings that end generation.")
+    stop_token_ids: tuple[int, ...] = Field(default=(), description="Token ids that end generation.")
+    include_stop_str_in_output: bool = Field(default=False, description="Keep the matched stop string in the text.")
+    min_tokens: int = Field(default=0, ge=0, description="Tokens generated before EOS or stop ids may end it.")
     logprobs: int | None = Field(
         default=None, ge=0, le=20, description="Number of top log-probabilities per token; None for none."
     )
+    logit_bias: dict[int, float] | None = Field(
+        default=None, description="Token id -> bias added to its logit, in [-100, 100]."
+    )
+    allowed_token_ids: tuple[int, ...] | None = Field(default=None, description="Only these tokens may be sampled.")
+    bad_words: tuple[str, ...] = Field(default=(), description="Words that may not be generated.")
     ignore_eos: bool = Field(default=False, description="Keep generating past the end-of-sequence token.")
+    skip_special_tokens: bool = Field(default=True, description="Leave special tokens out of the text.")
+    spaces_between_special_tokens: bool = Field(
+        default=True, description="Put spaces between special tokens in the text."
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class PromptOptions:
+    """How the chat template renders the prompt (vLLM's chat-template request fields)."""
+
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
+    documents: tuple[dict[str, str], ...] | None = None  # vLLM's `documents`, for templates that read them
+    template_kwargs: tuple[tuple[str, object], ...] = ()  # `chat_template_kwargs`, as pairs
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,6 +104,8 @@ class ChatJob:
     messages: tuple[ChatMessage, ...]
     sampling: SamplingConfig
     deadline_s: float | None = None  # seconds from submission after which the job is abandoned
+    prompt_options: PromptOptions = PromptOptions()
+    priority: int = 0  # vLLM scheduling priority (lower is earlier); needs the engine's priority policy
 
     @property
     def images(self) -> tuple[ImagePart, ...]:
@@ -94,6 +130,14 @@ class GenerationDelta:
     token_ids: list[int]
     text: str
     finish_reason: str | None = None  # "stop" | "length" | None while running
+    index: int = 0  # the choice this delta belongs to (n > 1)
+    choices_running: int = 0  # other choices of the request still generating after this delta
     prompt_token_count: int | None = None  # set on the first delta; includes visual tokens
+    cached_prompt_tokens: int | None = None  # set on the first delta: prompt tokens served from the prefix cache
     logprobs: list[dict[int, float]] | None = None  # per new token: token id -> logprob (top-k + chosen)
     timings: StageTimings | None = field(default=None)  # set on the first and last delta
+
+    @property
+    def ends_stream(self) -> bool:
+        """True on the request's last delta: this choice finished and no other is still running."""
+        return self.finish_reason is not None and self.choices_running == 0

@@ -39,7 +39,11 @@ class LanguageEngineConfig(FrozenConfig):
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
         default="auto", description="Weights and activations dtype; auto = bfloat16 on GPU, float32 on CPU."
     )
-    max_model_len: int = Field(default=4096, ge=256, description="Context length (visual + text + output tokens).")
+    max_model_len: int | None = Field(
+        default=None, ge=256,
+        description="Context length (visual + text + output tokens); None = the checkpoint's own, lowered to what "
+        "the KV cache holds (vLLM's auto-fit, which logs the value it chose).",
+    )
     max_num_seqs: int = Field(default=64, ge=1, description="Requests decoded together.")
     max_images_per_request: int = Field(default=16, ge=1, description="Images one prompt may carry.")
     gpu_memory_utilization: float = Field(
@@ -50,6 +54,9 @@ class LanguageEngineConfig(FrozenConfig):
     )
     enable_prefix_caching: bool = Field(default=True, description="Reuse KV of shared prompt prefixes.")
     seed: int = Field(default=0, description="Engine-level seed.")
+    scheduling_policy: Literal["fcfs", "priority"] = Field(
+        default="fcfs", description="vLLM scheduling: first come first served, or by each request's `priority`."
+    )
 
 
 def resolve_dtype(dtype: str) -> str:
@@ -68,11 +75,12 @@ def build_engine_args(config: LanguageEngineConfig, spec: CheckpointSpec):
         model=config.model,
         trust_remote_code=spec.fmt == "chat",
         dtype=resolve_dtype(config.dtype),
-        max_model_len=config.max_model_len,
+        max_model_len=-1 if config.max_model_len is None else config.max_model_len,  # -1: vLLM's auto-fit
         max_num_seqs=config.max_num_seqs,
         enforce_eager=enforce_eager,
         enable_prefix_caching=config.enable_prefix_caching,
         seed=config.seed,
+        scheduling_policy=config.scheduling_policy,
         gpu_memory_utilization=config.gpu_memory_utilization,
         limit_mm_per_prompt={"image": 0, "video": 0},
         enable_mm_embeds=True,
@@ -88,6 +96,10 @@ class LanguageEngine:
         self.config = config
         self.spec = spec
         self._engine = engine
+        # The checkpoint's generation_config.json sampling defaults, as vLLM's `--generation-config auto` applies.
+        self.default_sampling = dict(engine.model_config.get_diff_sampling_param())
+        if self.default_sampling:
+            logger.info("default sampling parameters from the checkpoint: %s", self.default_sampling)
 
     @classmethod
     def start(cls, config: LanguageEngineConfig) -> "LanguageEngine":
@@ -102,38 +114,60 @@ class LanguageEngine:
     def tokenizer(self):
         return self._engine.get_tokenizer()
 
+    @property
+    def model_config(self):
+        """vLLM's `ModelConfig` of the engine (chat-template resolution reads it)."""
+        return self._engine.model_config
+
+    @property
+    def max_model_len(self) -> int:
+        """The context length the engine runs with (vLLM's, after its KV-cache check)."""
+        return self._engine.model_config.max_model_len
+
     async def generate(
         self,
         request_id: str,
         prompt: str,
         images: Sequence[torch.Tensor],
         sampling: SamplingConfig,
+        priority: int = 0,
     ) -> AsyncIterator[GenerationDelta]:
         """Stream the answer to `prompt`, whose placeholders are filled by `images` in order.
 
-        Raises `InvalidRequestError` (400) before the engine sees a request that does not fit the context.
+        With `sampling.n` > 1 the choices' deltas interleave, each with its `index`. Raises `InvalidRequestError`
+        (400) before the engine sees a request that does not fit the context or that vLLM's validation refuses.
         """
         self._check_images(prompt, images)
+        if priority and self.config.scheduling_policy != "priority":
+            raise InvalidRequestError(
+                "'priority' other than 0 needs the priority scheduling policy, which this server does not use.",
+                code="invalid_value", param="priority",
+            )
         max_tokens = await self._output_budget(prompt, images, sampling)
         engine_prompt: dict = {"prompt": prompt}
         if images:
             engine_prompt["multi_modal_data"] = {"image": [image.to(self.dtype) for image in images]}
-        params = to_vllm_sampling_params(sampling, max_tokens)
+        params = _validated(lambda: to_vllm_sampling_params(sampling, max_tokens, self.default_sampling))
         first = True
-        finished = False
+        running = sampling.n
         try:
-            async for output in self._engine.generate(engine_prompt, params, request_id):
-                completion = output.outputs[0]
-                delta = GenerationDelta(
-                    token_ids=list(completion.token_ids),
-                    text=completion.text,
-                    finish_reason=completion.finish_reason,
-                    prompt_token_count=len(output.prompt_token_ids or ()) if first else None,
-                    logprobs=_plain_logprobs(completion.logprobs),
-                )
-                first = False
-                finished = output.finished
-                yield delta
+            async for output in self._engine.generate(engine_prompt, params, request_id, priority=priority):
+                for completion in output.outputs:
+                    running -= completion.finish_reason is not None
+                    delta = GenerationDelta(
+                        token_ids=list(completion.token_ids),
+                        text=completion.text,
+                        finish_reason=completion.finish_reason,
+                        index=completion.index,
+                        choices_running=running if completion.finish_reason is not None else running - 1,
+                        prompt_token_count=len(output.prompt_token_ids or ()) if first else None,
+                        cached_prompt_tokens=output.num_cached_tokens if first else None,
+                        logprobs=_plain_logprobs(completion.logprobs),
+                    )
+                    first = False
+                    yield delta
+        except _vllm_validation_error() as error:
+            raise _from_vllm_validation(error) from error
         except (ValueError, _vllm_client_error()) as error:
             # A backstop: what vLLM itself refuses (its validation errors are not all ValueErrors).
             logger.info("request %s rejected by the engine: %s", request_id, error)
@@ -149,7 +183,7 @@ class LanguageEngine:
             raise
         finally:
             # Cancelled, closed early by the consumer, or failed: free the engine's slot and KV blocks.
-            if not finished and not self._engine.errored:
+            if running > 0 and not self._engine.errored:
                 await asyncio.shield(self.abort(request_id))
 
     async def _output_budget(self, prompt: str, images: Sequence[torch.Tensor], sampling: SamplingConfig) -> int:
@@ -157,9 +191,25 @@ class LanguageEngine:
         prompt_tokens = await asyncio.to_thread(
             prompt_token_count, self.tokenizer, prompt, self.spec, [image.shape[0] for image in images]
         )
-        return output_token_budget(
-            prompt_tokens, sampling.max_tokens, self.config.max_model_len, sampling.max_tokens_param
-        )
+        max_model_len = self.max_model_len
+        if sampling.max_tokens is not None:
+            requested = sampling.max_tokens
+        else:  # vLLM's `get_max_tokens`: the checkpoint's max_new_tokens if it has one, else the rest of the context
+            requested = self.default_sampling.get("max_tokens") or max_model_len
+        budget = output_token_budget(prompt_tokens, requested, max_model_len, sampling.max_tokens_param)
+        if sampling.min_tokens > budget:
+            raise InvalidRequestError(
+                f"'min_tokens' ({sampling.min_tokens}) exceeds the {budget} output tokens the context leaves.",
+                code="invalid_value", param="min_tokens",
+            )
+        return budget
+
+    async def prompt_tokens(self, job) -> list[int]:
+        """The token ids of `job`'s chat (a text-only `ChatJob`) rendered as for generation (vLLM's `/tokenize`)."""
+        from dvd_serve.lm_worker.prompt import render_prompt
+
+        prompt = render_prompt(self.model_config, self.tokenizer, job.messages, self.spec, job.prompt_options)
+        return await asyncio.to_thread(self.tokenizer.encode, prompt, add_special_tokens=False)
 
     async def abort(self, request_id: str) -> None:
         await self._engine.abort(request_id)
@@ -203,21 +253,57 @@ def _vllm_client_error() -> type[Exception]:
     return VLLMClientError
 
 
-def to_vllm_sampling_params(config: SamplingConfig, max_tokens: int):
-    """vLLM's parameters for `config`, with `max_tokens` the output budget the context leaves."""
-    from vllm import SamplingParams
-    from vllm.sampling_params import RequestOutputKind
+def _vllm_validation_error() -> type[Exception]:
+    from vllm.exceptions import VLLMValidationError
 
-    return SamplingParams(
-        max_tokens=max_tokens,
+    return VLLMValidationError
+
+
+def _from_vllm_validation(error) -> InvalidRequestError:
+    """vLLM's own refusal of a sampling value (out of range, id outside the vocabulary) as a 400 naming the field."""
+    return InvalidRequestError(str(error.args[0]) if error.args else "Invalid request.", code="invalid_value",
+                               param=error.parameter)
+
+
+def _validated(build):
+    try:
+        return build()
+    except _vllm_validation_error() as error:
+        raise _from_vllm_validation(error) from error
+
+
+def to_vllm_sampling_params(config: SamplingConfig, max_tokens: int, defaults: dict | None = None):
+    """vLLM's parameters for `config`, mapped by vLLM's own chat request (`to_sampling_params`): the client's value,
+    else the checkpoint's generation-config default (`defaults`), else vLLM's neutral default. `max_tokens` is the
+    output budget the context leaves. Streams deltas (vLLM's `stream=True` output kind)."""
+    from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest as VllmChatRequest
+
+    request = VllmChatRequest(
+        messages=[],
+        stream=True,
+        n=config.n,
         temperature=config.temperature,
         top_p=config.top_p,
+        top_k=config.top_k,
+        min_p=config.min_p,
+        presence_penalty=config.presence_penalty,
+        frequency_penalty=config.frequency_penalty,
+        repetition_penalty=config.repetition_penalty,
         seed=config.seed,
-        stop=list(config.stop) or None,
-        logprobs=config.logprobs,
+        stop=list(config.stop),
+        stop_token_ids=list(config.stop_token_ids),
+        include_stop_str_in_output=config.include_stop_str_in_output,
+        min_tokens=config.min_tokens,
+        logprobs=config.logprobs is not None,
+        top_logprobs=config.logprobs or 0,
+        logit_bias={str(token): bias for token, bias in config.logit_bias.items()} if config.logit_bias else None,
+        allowed_token_ids=list(config.allowed_token_ids) if config.allowed_token_ids is not None else None,
+        bad_words=list(config.bad_words),
         ignore_eos=config.ignore_eos,
-        output_kind=RequestOutputKind.DELTA,
+        skip_special_tokens=config.skip_special_tokens,
+        spaces_between_special_tokens=config.spaces_between_special_tokens,
     )
+    return request.to_sampling_params(max_tokens, defaults or {})
 
 
 def _plain_logprobs(logprobs) -> list[dict[int, float]] | None:

@@ -1,16 +1,20 @@
 """Renders a chat into the prompt string the language engine expects: one placeholder per image.
 
-The checkpoint's own chat template does the rendering. For the transformers-native format the template receives
-OpenAI-style content lists (`{"type": "image"}` renders the image placeholder); for the original format it
-receives strings in which image placeholders come first, one per line, then the text - the same layout vLLM's
-OpenAI server produces, so both give identical prompts.
+Rendered as vLLM's own OpenAI server renders it (vllm/renderers/hf.py, vllm/renderers/chat_utils.py), with vLLM's
+own helpers where they exist: the checkpoint's chat template decides the content format (`openai` when it loops
+over a message's content parts, else `string`); for `openai` every message's parts go to the template in the
+user's order, text as `{"type": "text"}`, images as `{"type": "image"}`; for `string` the texts are joined by
+newlines and one placeholder per image is put in front (vLLM's default without `interleave_mm_strings`).
+vLLM's `safe_apply_chat_template` then turns `developer` into `system` when the template has no developer role,
+filters `chat_template_kwargs` to what the template reads, and renders.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
-from dvd_serve.common.chat import ChatMessage, ImagePart, TextPart
+from dvd_serve.common.chat import ChatMessage, ImagePart, PromptOptions, TextPart
 from dvd_serve.common.checkpoint.spec import CheckpointSpec
 from dvd_serve.common.errors import InvalidRequestError
 
@@ -22,9 +26,48 @@ def reserved_image_strings(spec: CheckpointSpec) -> tuple[str, ...]:
     )))
 
 
-def render_prompt(tokenizer, messages: Sequence[ChatMessage], spec: CheckpointSpec) -> str:
+def content_format(model_config, tokenizer) -> str:
+    """`openai` or `string`: how the checkpoint's chat template wants message content (vLLM's detection)."""
+    from vllm.renderers.hf import resolve_chat_template_content_format
+
+    return resolve_chat_template_content_format(None, None, "auto", tokenizer, model_config=model_config)
+
+
+def render_prompt(
+    model_config,
+    tokenizer,
+    messages: Sequence[ChatMessage],
+    spec: CheckpointSpec,
+    options: PromptOptions = PromptOptions(),
+) -> str:
+    """The prompt text for `messages`; `model_config` and `tokenizer` are the engine's (vLLM's objects)."""
+    from vllm.exceptions import VLLMValidationError
+    from vllm.renderers.hf import safe_apply_chat_template
+    from vllm.renderers.params import merge_kwargs
+
+    _check_reserved(messages, spec)
+    wrap_parts = content_format(model_config, tokenizer) == "openai"
+    conversation = [_conversation_message(message, spec, wrap_parts) for message in messages]
+    # As vLLM's `build_chat_params`: the request's template settings override its `chat_template_kwargs`.
+    template_kwargs = merge_kwargs(dict(options.template_kwargs), {
+        "add_generation_prompt": options.add_generation_prompt,
+        "continue_final_message": options.continue_final_message,
+        "documents": list(options.documents) if options.documents is not None else None,
+    })
+    try:
+        return safe_apply_chat_template(
+            model_config, tokenizer, conversation, tools=None, chat_template=None, tokenize=False, **template_kwargs
+        )
+    except VLLMValidationError as error:
+        raise InvalidRequestError(
+            f"The chat template refused the request: {error.args[0] if error.args else error}",
+            code="chat_template_error",
+            param="messages",
+        ) from None
+
+
+def _check_reserved(messages: Sequence[ChatMessage], spec: CheckpointSpec) -> None:
     reserved = reserved_image_strings(spec)
-    conversation = []
     for index, message in enumerate(messages):
         for part in message.parts:
             if isinstance(part, TextPart) and any(token in part.text for token in reserved):
@@ -33,12 +76,19 @@ def render_prompt(tokenizer, messages: Sequence[ChatMessage], spec: CheckpointSp
                     code="reserved_token_in_text",
                     param=f"messages[{index}].content",
                 )
-        conversation.append({"role": message.role, "content": _content(message, spec)})
-    return tokenizer.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
 
 
-def _content(message: ChatMessage, spec: CheckpointSpec):
-    if spec.fmt == "hf":
+def _conversation_message(message: ChatMessage, spec: CheckpointSpec, wrap_parts: bool) -> dict[str, Any]:
+    rendered: dict[str, Any] = {"role": message.role, "content": _content(message, spec, wrap_parts)}
+    if message.name is not None:
+        rendered["name"] = message.name
+    if message.role == "developer":
+        rendered["tools"] = None
+    return rendered
+
+
+def _content(message: ChatMessage, spec: CheckpointSpec, wrap_parts: bool):
+    if wrap_parts:
         return [
             {"type": "image"} if isinstance(part, ImagePart) else {"type": "text", "text": part.text}
             for part in message.parts

@@ -90,14 +90,16 @@ class LanguageWorker:
                 if expected_images
                 else []
             )
-            prompt = render_prompt(self.engine.tokenizer, job.messages, self.engine.spec)
+            prompt = render_prompt(
+                self.engine.model_config, self.engine.tokenizer, job.messages, self.engine.spec, job.prompt_options
+            )
             images = [item.embeddings for item in received]
         except BaseException:
             self.store.cancel(job.request_id)
             raise
         waited = time.monotonic() - started
         first_token_at: float | None = None
-        async for delta in self.engine.generate(job.request_id, prompt, images, job.sampling):
+        async for delta in self.engine.generate(job.request_id, prompt, images, job.sampling, job.priority):
             now = time.monotonic()
             if first_token_at is None:
                 first_token_at = now
@@ -106,7 +108,7 @@ class LanguageWorker:
                     visual_tokens=sum(image.shape[0] for image in images),
                     embedding_bytes=sum(image.numel() * image.element_size() for image in images),
                 )
-            if delta.finish_reason is not None:
+            if delta.ends_stream:
                 timings = delta.timings or StageTimings()
                 # One delta can carry every token (vLLM coalesces outputs under load): then count from submission.
                 timings.inference_s = now - (first_token_at if now > first_token_at else started + waited)

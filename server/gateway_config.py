@@ -58,10 +58,8 @@ class GatewayConfig(FrozenConfig):
     default_detail: Detail = Field(
         default=Detail.AUTO, description="`detail` used for image parts that do not name one."
     )
-    default_max_tokens: int = Field(
-        default=1024,
-        ge=1,
-        description="Generated-token cap for requests without `max_tokens`; lowered to fit the context length.",
+    max_n: int = Field(
+        default=16, ge=1, description="Highest `n` (choices per request) a request may ask for; more is a 400."
     )
     request_timeout_s: float = Field(
         default=600.0, gt=0.0, description="Seconds a chat request may run in total before it is answered 504."

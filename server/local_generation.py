@@ -26,20 +26,20 @@ async def generate_with_embeddings(
     The first delta carries queue time and visual-token totals, the final one all stage timings.
     """
     started = time.monotonic()
-    prompt = render_prompt(engine.tokenizer, job.messages, engine.spec)
+    prompt = render_prompt(engine.model_config, engine.tokenizer, job.messages, engine.spec, job.prompt_options)
     timings = StageTimings(
         vision_s=vision_s,
         visual_tokens=sum(int(image.shape[0]) for image in images),
         embedding_bytes=sum(image.numel() * image.element_size() for image in images),
     )
     first_token_at: float | None = None
-    async for delta in engine.generate(job.request_id, prompt, images, job.sampling):
+    async for delta in engine.generate(job.request_id, prompt, images, job.sampling, job.priority):
         now = time.monotonic()
         if first_token_at is None:
             first_token_at = now
             timings.queue_s = now - started
             delta.timings = dataclasses.replace(timings)
-        if delta.finish_reason is not None:
+        if delta.ends_stream:
             # One delta can carry every token (vLLM coalesces outputs under load): then count from submission.
             timings.inference_s = now - (first_token_at if now > first_token_at else started)
             delta.timings = dataclasses.replace(timings)

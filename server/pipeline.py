@@ -37,3 +37,19 @@ class ChatPipeline(Protocol):
     def token_text(self, token_id: int) -> str:
         """Text of one token id (for logprobs)."""
         ...
+
+    def engines_alive(self) -> bool:
+        """False when no live language engine is left in a pool (`/health` then fails, as vLLM's does)."""
+        ...
+
+    def tokenize_text(self, text: str, add_special_tokens: bool) -> list[int]:
+        """`/tokenize` of a plain prompt."""
+        ...
+
+    def detokenize(self, token_ids: list[int]) -> str:
+        """`/detokenize`."""
+        ...
+
+    async def tokenize_chat(self, job: ChatJob) -> list[int]:
+        """`/tokenize` of a text-only chat: its prompt token ids, rendered exactly as for generation."""
+        ...

@@ -96,10 +96,12 @@ class ReplicaInfo:
     node_id: str
     pid: int
     grpc_address: str | None = None  # language replicas: host:port of the embedding sink
+    max_model_len: int | None = None  # language and coupled replicas: the context length their engine runs with
 
 
-def _replica_info(grpc_address: str | None = None) -> ReplicaInfo:
-    return ReplicaInfo(node_id=ray.get_runtime_context().get_node_id(), pid=os.getpid(), grpc_address=grpc_address)
+def _replica_info(grpc_address: str | None = None, max_model_len: int | None = None) -> ReplicaInfo:
+    return ReplicaInfo(node_id=ray.get_runtime_context().get_node_id(), pid=os.getpid(), grpc_address=grpc_address,
+                       max_model_len=max_model_len)
 
 
 class _Replica:
@@ -141,7 +143,7 @@ class _Replica:
         try:
             with _portable_errors():
                 async for delta in stream:
-                    finished = delta.finish_reason is not None
+                    finished = delta.ends_stream
                     yield delta
         finally:
             try:
@@ -189,7 +191,11 @@ class LanguageActor(_Replica):
         """Where this replica runs; raises while its engine is dead (the watchdog is about to end the process)."""
         worker = await self._loaded()
         _require_live_engine(worker.engine)
-        return _replica_info(worker.grpc_address)
+        return _replica_info(worker.grpc_address, worker.engine.max_model_len)
+
+    async def prompt_tokens(self, job: ChatJob) -> list[int]:
+        """`/tokenize`: the prompt token ids of `job`'s text-only chat, rendered as `generate` renders it."""
+        return await (await self._loaded()).engine.prompt_tokens(job)
 
     async def engine_requests(self) -> int:
         """Requests the language engine holds now (running or waiting); aborted ones are gone from it."""
@@ -232,10 +238,15 @@ class CoupledActor(_Replica):
         self._watchdog = asyncio.create_task(_exit_when_dead(engine))
         return vision, engine
 
+    async def prompt_tokens(self, job: ChatJob) -> list[int]:
+        """`/tokenize`: the prompt token ids of `job`'s text-only chat, rendered as `generate` renders it."""
+        _vision, engine = await self._loaded()
+        return await engine.prompt_tokens(job)
+
     async def ready(self) -> ReplicaInfo:
         _vision, engine = await self._loaded()
         _require_live_engine(engine)
-        return _replica_info()
+        return _replica_info(max_model_len=engine.max_model_len)
 
     @ray.method(num_returns="streaming")
     async def generate(self, job: ChatJob) -> AsyncIterator[GenerationDelta]:

@@ -72,6 +72,14 @@ def connect_ray(config: ServeConfig, report: Callable[[str], None]) -> bool:
     return True
 
 
+def context_length_report(configured: int | None, engine: int) -> str:
+    """The start-up line about the context length, saying when it is below what was asked for."""
+    if configured is None:
+        return (f"context length: {engine} tokens (the checkpoint's own, or less when the KV cache cannot hold it: "
+                "see vLLM's 'Auto-fit max_model_len' line above; set --max-model-len to choose)")
+    return f"context length: {engine} tokens (--max-model-len)"
+
+
 def shutdown_ray() -> None:
     ray.shutdown()
 
@@ -79,9 +87,11 @@ def shutdown_ray() -> None:
 def without_image_data(job: ChatJob) -> ChatJob:
     """`job` with image URLs blanked: the language side needs only where the images go, not their bytes."""
     messages = tuple(
-        ChatMessage(
-            message.role,
-            tuple(dataclasses.replace(part, url="") if isinstance(part, ImagePart) else part for part in message.parts),
+        dataclasses.replace(
+            message,
+            parts=tuple(
+                dataclasses.replace(part, url="") if isinstance(part, ImagePart) else part for part in message.parts
+            ),
         )
         for message in job.messages
     )
@@ -130,7 +140,9 @@ class RayPipeline:
                 ray.shutdown()
             raise
         report("all replicas ready")
-        return cls(config, pools, tokenizer, owns_ray, metrics)
+        pipeline = cls(config, pools, tokenizer, owns_ray, metrics)
+        report(context_length_report(config.max_model_len, pipeline.max_model_len))
+        return pipeline
 
     @property
     def model_id(self) -> str:
@@ -138,7 +150,12 @@ class RayPipeline:
 
     @property
     def max_model_len(self) -> int:
-        return self.config.max_model_len
+        """The context length the language engines run with (the checkpoint's, or what their KV cache holds)."""
+        lengths = [
+            replica.info.max_model_len for pool in self.pools.values() for replica in pool.replicas
+            if replica.info is not None and replica.info.max_model_len is not None
+        ]
+        return min(lengths) if lengths else (self.config.max_model_len or 0)
 
     @property
     def in_flight(self) -> int:
@@ -155,6 +172,25 @@ class RayPipeline:
             return {name: False for name in self.pools}
         states = await asyncio.gather(*(pool.readiness() for pool in self.pools.values()))
         return dict(zip(self.pools, states, strict=True))
+
+    def engines_alive(self) -> bool:
+        """False when a pool of language engines has no live replica (every engine in it died)."""
+        engine_pools = [pool for name, pool in self.pools.items() if name in ("language", "coupled")]
+        return all(any(replica.alive for replica in pool.replicas) for pool in engine_pools)
+
+    def tokenize_text(self, text: str, add_special_tokens: bool) -> list[int]:
+        return list(self._tokenizer.encode(text, add_special_tokens=add_special_tokens))
+
+    def detokenize(self, token_ids: list[int]) -> str:
+        return self._tokenizer.decode(token_ids)
+
+    async def tokenize_chat(self, job: ChatJob) -> list[int]:
+        pool = self.pools["coupled" if self.config.topology == "coupled" else "language"]
+        replica = pool.choose()
+        try:
+            return await replica.handle.prompt_tokens.remote(job)
+        except RayError as error:
+            raise to_serving_error(error, pool.name) from None
 
     def begin_drain(self) -> None:
         """From now on readiness fails and new jobs are refused; jobs already running go on."""
@@ -242,7 +278,7 @@ class RayPipeline:
                         totals = _first_timings(delta.timings, outcome)
                     elif delta.timings is not None:
                         totals.inference_s = delta.timings.inference_s
-                    finished = delta.finish_reason is not None
+                    finished = delta.ends_stream
                     if first or finished:
                         delta.timings = dataclasses.replace(totals)
                     yield delta

@@ -44,8 +44,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                         help="compute dtype; auto = bfloat16 on GPU, float32 on CPU")
     parser.add_argument("--topology", choices=("dvd", "coupled"), default="dvd",
                         help="dvd: separate vision and language pools; coupled: both in one replica (baseline)")
-    parser.add_argument("--max-model-len", type=int, default=4096, help="context length (default: 4096)")
+    parser.add_argument("--max-model-len", type=int,
+                        help="context length (default: the checkpoint's, lowered to what the KV cache holds)")
     parser.add_argument("--max-images-per-request", type=int, default=16, help="images per request (default: 16)")
+    parser.add_argument("--scheduling-policy", choices=("fcfs", "priority"), default="fcfs",
+                        help="language engines' scheduling: fcfs, or priority (honours each request's `priority`)")
     parser.add_argument("--max-num-seqs", type=int, default=64, help="requests a language replica decodes together")
     parser.add_argument("--api-key", action="append", default=[], metavar="KEY",
                         help=f"accepted bearer key (repeatable; ${API_KEYS_ENV}, comma-separated, keeps keys out of "
@@ -107,6 +110,7 @@ def config_from_args(args: argparse.Namespace):
         "max_model_len": args.max_model_len,
         "max_images_per_request": args.max_images_per_request,
         "max_num_seqs": args.max_num_seqs,
+        "scheduling_policy": args.scheduling_policy,
         "vision_pool": _pool(args, "vision"),
         "language_pool": _pool(args, "lm"),
         "image_fetch": {"allow_private_networks": args.allow_private_image_urls},

@@ -88,7 +88,11 @@ class ServeConfig(FrozenConfig):
         "baseline where one replica runs vision then language in one process.",
     )
     dtype: Dtype = Field(default="auto", description="Compute dtype of vision and language models; auto = bf16 on GPU.")
-    max_model_len: int = Field(default=4096, ge=256, description="Context length (visual + text + output tokens).")
+    max_model_len: int | None = Field(
+        default=None, ge=256,
+        description="Context length (visual + text + output tokens); None = the checkpoint's own, lowered by vLLM "
+        "to what the KV cache holds (its auto-fit), as reported at start-up.",
+    )
     max_images_per_request: int = Field(default=16, ge=1, description="Images one request may carry.")
     vision_pool: PoolConfig = Field(
         default_factory=PoolConfig, description="Vision replicas (dvd topology only; coupled replicas use the LM pool)."
@@ -109,6 +113,9 @@ class ServeConfig(FrozenConfig):
         default=0.9, gt=0.0, le=1.0, description="Share of GPU memory vLLM may take (ignored on CPU)."
     )
     enable_prefix_caching: bool = Field(default=True, description="Reuse KV of shared prompt prefixes.")
+    scheduling_policy: Literal["fcfs", "priority"] = Field(
+        default="fcfs", description="Language engines' scheduling: first come first served, or by request `priority`."
+    )
     embeddings_wait_s: float = Field(
         default=60.0, gt=0, description="How long a language replica waits for a request's images."
     )
@@ -179,6 +186,7 @@ class ServeConfig(FrozenConfig):
             max_images_per_request=self.max_images_per_request,
             gpu_memory_utilization=self.gpu_memory_utilization,
             enable_prefix_caching=self.enable_prefix_caching,
+            scheduling_policy=self.scheduling_policy,
         )
 
     def language_worker_config(self, grpc_host: str) -> LanguageWorkerConfig:

@@ -8,12 +8,17 @@ import gc
 import io
 import select
 import socket
+import subprocess
 import threading
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Callable, Sequence
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 
 import numpy as np
+import openai
 import pytest
 from PIL import Image
 
@@ -181,3 +186,40 @@ def ray_test_config(model, topology: str = "dvd", vision_replicas: int = 2, **se
         grpc_auth_token="pipeline-test-token",
         **settings,
     )
+
+
+class ServerProcess:
+    """A server started as a subprocess (dvd-serve or vLLM's own), its output in `log`."""
+
+    def __init__(self, name: str, command: list[str], port: int, ready_path: str, log: Path) -> None:
+        self.name, self.port, self.ready_path, self.log = name, port, ready_path, log
+        with log.open("wb") as out:
+            self.process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT)
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def is_ready(self) -> bool:
+        if self.process.poll() is not None:
+            pytest.fail(f"{self.name} exited with {self.process.returncode}:\n{self.log_tail()}")
+        try:
+            with urllib.request.urlopen(self.base_url + self.ready_path, timeout=5) as response:
+                return response.status == 200
+        except (urllib.error.URLError, OSError):
+            return False
+
+    def log_tail(self) -> str:
+        return self.log.read_text(errors="replace")[-4000:]
+
+    def client(self, **options) -> openai.OpenAI:
+        return openai.OpenAI(base_url=self.base_url + "/v1", api_key="unused", **options)
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()

@@ -53,6 +53,7 @@ class ScriptedPipelineDouble:
     max_model_len: int = 4096
     pools: dict[str, bool] = field(default_factory=lambda: {"vision": True, "language": True})
     readiness_error: Exception | None = None
+    engines_are_alive: bool = True
     jobs: list[ChatJob] = field(default_factory=list)
     aborted: list[str] = field(default_factory=list)
     finished: list[str] = field(default_factory=list)
@@ -71,7 +72,7 @@ class ScriptedPipelineDouble:
                     await asyncio.Event().wait()
                 if isinstance(item, BaseException):
                     raise item
-                if isinstance(item, GenerationDelta) and item.finish_reason is not None:
+                if isinstance(item, GenerationDelta) and item.ends_stream:
                     completed = True  # the answer is complete once its final delta is handed over
                 yield item
         finally:
@@ -84,3 +85,18 @@ class ScriptedPipelineDouble:
 
     def token_text(self, token_id: int) -> str:
         return f"t{token_id}"
+
+    def engines_alive(self) -> bool:
+        return self.engines_are_alive
+
+    def tokenize_text(self, text: str, add_special_tokens: bool) -> list[int]:
+        """One token per character (its code point), plus 1 in front with special tokens."""
+        return ([1] if add_special_tokens else []) + [ord(character) for character in text]
+
+    def detokenize(self, token_ids: list[int]) -> str:
+        return "".join(chr(token_id) for token_id in token_ids)
+
+    async def tokenize_chat(self, job: ChatJob) -> list[int]:
+        self.jobs.append(job)
+        text = "|".join(f"{message.role}:{part.text}" for message in job.messages for part in message.parts)
+        return self.tokenize_text(text, add_special_tokens=False)

@@ -46,7 +46,7 @@ async def _decoupled_tokens(model: str, jobs: list[ChatJob]) -> tuple[list[list[
     ), on_engine_death=lambda: None)
     vision = VisionWorker.load(VisionWorkerConfig(encoder=VisionEncoderConfig(model=model, dtype="float32")))
     try:
-        prompts = [render_prompt(lm.engine.tokenizer, job.messages, lm.engine.spec) for job in jobs]
+        prompts = [render_prompt(lm.engine.model_config, lm.engine.tokenizer, job.messages, lm.engine.spec) for job in jobs]
 
         async def one(job: ChatJob, prompt: str) -> tuple[list[int], list[int]]:
             outcome_task = asyncio.create_task(vision.process(job.request_id, job.images, lm.grpc_address))

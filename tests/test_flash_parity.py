@@ -181,7 +181,7 @@ def test_decoupled_flash_greedy_tokens_equal_transformers_reference(tiny_flash_c
                     messages=(ChatMessage("user", _parts(tiles, images) + (TextPart("What is shown?"),)),),
                     sampling=SamplingConfig(max_tokens=MAX_TOKENS, temperature=0.0, ignore_eos=True),
                 )
-                prompt = render_prompt(lm.engine.tokenizer, job.messages, lm.engine.spec)
+                prompt = render_prompt(lm.engine.model_config, lm.engine.tokenizer, job.messages, lm.engine.spec)
                 push = asyncio.create_task(vision.process(job.request_id, job.images, lm.grpc_address))
                 tokens = [t async for delta in lm.generate(job, len(job.images)) for t in delta.token_ids]
                 await push

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import signal
-import subprocess
 import sys
 import time
 import urllib.error
@@ -23,7 +22,7 @@ import openai
 import pytest
 
 from dvd_serve.lm_worker.vllm_plugin import flash_monolithic_overrides
-from tests.dvd_fixtures import ImageOrigin, data_url, free_port, png_bytes, synthetic_image
+from tests.dvd_fixtures import ImageOrigin, ServerProcess, data_url, free_port, png_bytes, synthetic_image
 
 READY_TIMEOUT_S = 420
 MAX_TOKENS = 8
@@ -102,51 +101,16 @@ def image_host():
         yield origin.base_url
 
 
-class _Server:
-    def __init__(self, name: str, command: list[str], port: int, ready_path: str, log: Path) -> None:
-        self.name, self.port, self.ready_path, self.log = name, port, ready_path, log
-        with log.open("wb") as out:
-            self.process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT)
-
-    @property
-    def base_url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def is_ready(self) -> bool:
-        if self.process.poll() is not None:
-            pytest.fail(f"{self.name} exited with {self.process.returncode}:\n{self.log_tail()}")
-        try:
-            with urllib.request.urlopen(self.base_url + self.ready_path, timeout=5) as response:
-                return response.status == 200
-        except (urllib.error.URLError, OSError):
-            return False
-
-    def log_tail(self) -> str:
-        return self.log.read_text(errors="replace")[-4000:]
-
-    def client(self, **options) -> openai.OpenAI:
-        return openai.OpenAI(base_url=self.base_url + "/v1", api_key="unused", **options)
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-
-
 @pytest.fixture(scope="module")
 def servers(tiny_flash_checkpoint, session_tmp):
     model = str(tiny_flash_checkpoint)
-    ours = _Server(
+    ours = ServerProcess(
         "dvd-serve",
         [str(Path(sys.executable).parent / "dvd-serve"), "serve", "--model", model, "--port", str(port := free_port()),
          "--dtype", "float32", "--allow-private-image-urls", "--drain-timeout", "120"],
         port, "/ready", session_tmp / "dvd-serve-e2e.log",
     )
-    reference = _Server(
+    reference = ServerProcess(
         "vllm",
         [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model, "--trust-remote-code",
          "--dtype", "float32", "--max-model-len", "4096", "--enforce-eager", "--seed", "0",

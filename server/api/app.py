@@ -12,7 +12,7 @@ import time
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 
-from dvd_serve.server.api import chat_completions, health, models
+from dvd_serve.server.api import chat_completions, health, models, tokenize
 from dvd_serve.server.api.auth import ApiKeyMiddleware
 from dvd_serve.server.api.body_limit import BodyLimitMiddleware
 from dvd_serve.server.api.errors import install_error_handlers
@@ -39,7 +39,7 @@ def create_app(
     app.state.gateway = GatewayState(
         pipeline=pipeline, config=config, metrics=metrics or ServingMetrics(), started_at=int(time.time())
     )
-    for router in (chat_completions.router, models.router, health.router):
+    for router in (chat_completions.router, models.router, health.router, tokenize.router):
         app.include_router(router)
     install_error_handlers(app)
 

@@ -18,7 +18,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
 from dvd_serve.common.chat import GenerationDelta, StageTimings
-from dvd_serve.common.errors import ServingError, error_body
+from dvd_serve.common.errors import InvalidRequestError, ServingError, error_body
 from dvd_serve.server.api.completion_builder import ChunkFactory, CompletionAccumulator, completion_response
 from dvd_serve.server.api.delta_stream import DeltaStream
 from dvd_serve.server.api.disconnect import ClientDisconnected, unless_disconnected
@@ -34,6 +34,8 @@ logger = logging.getLogger(__name__)
 
 router = APIRouter()
 CLIENT_CLOSED_STATUS = 499
+REQUEST_ID_HEADER = "x-request-id"
+MAX_REQUEST_ID_CHARS = 256
 _RETRY_LATER_STATUSES = (429, 503)
 _ERROR_RESPONSES = {status: {"model": ErrorResponse} for status in (400, 401, 404, 413, 429, 500, 502, 503, 504)}
 
@@ -56,26 +58,35 @@ def timing_headers(timings: StageTimings | None) -> dict[str, str]:
 )
 async def create_chat_completion(body: ChatCompletionRequest, request: Request) -> Response:
     state = gateway_state(request)
-    request_id = f"chatcmpl-{uuid.uuid4().hex}"
-    id_header = {"x-request-id": request_id}
+    try:
+        client_id = client_request_id(request, body)
+    except ServingError as error:
+        return error_response(error)
+    # As vLLM: the response id is `chatcmpl-<X-Request-Id header, else body request_id, else random>`, and the
+    # header is echoed. Inside the pipeline the id must be unique, so a client-chosen one gets a random suffix.
+    request_id = f"chatcmpl-{client_id or uuid.uuid4().hex}"
+    pipeline_id = f"{request_id}-{uuid.uuid4().hex[:12]}" if client_id else request_id
+    id_header = {REQUEST_ID_HEADER: request.headers.get(REQUEST_ID_HEADER) or request_id}
     started = received_at(request)
     top_logprobs = (body.top_logprobs or 0) if body.logprobs else None
-    result = CompletionAccumulator(top_logprobs=top_logprobs)
     try:
         job = await asyncio.to_thread(
             build_chat_job,
             body,
-            request_id=request_id,
+            request_id=pipeline_id,
             config=state.config,
             model_id=state.pipeline.model_id,
             max_model_len=state.pipeline.max_model_len,
         )
+        result = CompletionAccumulator(top_logprobs=top_logprobs, n=job.sampling.n)
         deltas = DeltaStream(state.pipeline.generate(job), state.config.request_timeout_s)
         first = await unless_disconnected(request.receive, deltas.next())
         first_logprobs = result.add(first, state.pipeline.token_text, time.perf_counter())
         if body.stream:
-            include_usage = body.stream_options is not None and body.stream_options.include_usage
-            chunks = ChunkFactory(request_id, state.pipeline.model_id, include_usage)
+            options = body.stream_options
+            include_usage = options is not None and options.include_usage
+            continuous = include_usage and options.continuous_usage_stats
+            chunks = ChunkFactory(request_id, state.pipeline.model_id, include_usage, continuous)
             events = _stream_events((first, first_logprobs), deltas, chunks, result, state, started)
             return EventStreamResponse(events, headers={**id_header, **timing_headers(first.timings)})
         await unless_disconnected(request.receive, _collect(deltas, result, state))
@@ -89,6 +100,19 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request) 
     _record_finished(state.metrics, result, started)
     response = completion_response(request_id, state.pipeline.model_id, int(time.time()), result)
     return JSONResponse(response.model_dump(mode="json"), headers={**id_header, **timing_headers(result.timings)})
+
+
+def client_request_id(request: Request, body: ChatCompletionRequest) -> str | None:
+    """The id the client chose: the `X-Request-Id` header, else the body's `request_id` (vLLM's order)."""
+    header = request.headers.get(REQUEST_ID_HEADER)
+    if header is None:
+        return body.request_id
+    if not 0 < len(header) <= MAX_REQUEST_ID_CHARS or not header.isprintable() or not header.isascii():
+        raise InvalidRequestError(
+            f"The X-Request-Id header must be 1 to {MAX_REQUEST_ID_CHARS} printable ASCII characters.",
+            code="invalid_value", param="X-Request-Id",
+        )
+    return header
 
 
 def _retry_headers(error: ServingError, state: GatewayState) -> dict[str, str]:
@@ -112,14 +136,16 @@ async def _stream_events(
 ) -> AsyncGenerator[bytes, None]:
     metrics = state.metrics
     try:
-        yield data_event(chunks.role())
+        for index in range(result.n):
+            yield data_event(chunks.role(index, result.choice_usage(index)))
         delta: GenerationDelta | None
         delta, logprobs = first
         while delta is not None:
+            index = delta.index
             if delta.text or logprobs:
-                yield data_event(chunks.content(delta.text, logprobs))
+                yield data_event(chunks.content(delta.text, logprobs, index, result.choice_usage(index)))
             if delta.finish_reason is not None:
-                yield data_event(chunks.finish(delta.finish_reason))
+                yield data_event(chunks.finish(delta.finish_reason, index, result.choice_usage(index)))
             delta = await deltas.next()
             logprobs = result.add(delta, state.pipeline.token_text, time.perf_counter()) if delta else None
         if chunks.include_usage:

@@ -16,6 +16,7 @@ from dvd_serve.server.api.protocol import (
     ChunkChoice,
     ChunkDelta,
     TokenLogprob,
+    PromptTokensDetails,
     TopLogprob,
     Usage,
 )
@@ -49,63 +50,95 @@ def _top_logprob(token_id: int, logprob: float, token_text: TokenText) -> TopLog
 
 
 @dataclass(slots=True)
-class CompletionAccumulator:
-    """What one request has produced so far, and when (perf_counter seconds)."""
+class ChoiceResult:
+    """What one choice (`index`) has produced so far."""
 
-    top_logprobs: int | None  # None: logprobs not requested
     text_pieces: list[str] = field(default_factory=list)
     logprobs: list[TokenLogprob] = field(default_factory=list)
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
     finish_reason: str | None = None
+    tokens: int = 0
+
+
+@dataclass(slots=True)
+class CompletionAccumulator:
+    """What one request has produced so far, over all its choices, and when (perf_counter seconds)."""
+
+    top_logprobs: int | None  # None: logprobs not requested
+    n: int = 1
+    choices: list[ChoiceResult] = field(default_factory=list)
+    prompt_tokens: int = 0
+    cached_prompt_tokens: int | None = None
+    completion_tokens: int = 0  # summed over the choices, as vLLM reports it
     timings: StageTimings | None = None  # the latest the pipeline reported
     first_content_at: float | None = None
+
+    def __post_init__(self) -> None:
+        self.choices = [ChoiceResult() for _ in range(self.n)]
 
     def add(self, delta: GenerationDelta, token_text: TokenText, now: float) -> list[TokenLogprob] | None:
         """Takes one delta in; returns its logprob entries (None when logprobs were not requested)."""
         if delta.prompt_token_count is not None and not self.prompt_tokens:
             self.prompt_tokens = delta.prompt_token_count
+        if delta.cached_prompt_tokens is not None and self.cached_prompt_tokens is None:
+            self.cached_prompt_tokens = delta.cached_prompt_tokens
         if delta.timings is not None:
             self.timings = delta.timings
         if delta.text and self.first_content_at is None:
             self.first_content_at = now
-        self.text_pieces.append(delta.text)
+        choice = self.choices[delta.index]
+        choice.text_pieces.append(delta.text)
         self.completion_tokens += len(delta.token_ids)
-        self.finish_reason = delta.finish_reason or self.finish_reason
+        choice.tokens += len(delta.token_ids)
+        choice.finish_reason = delta.finish_reason or choice.finish_reason
         if self.top_logprobs is None:
             return None
         entries = token_logprobs(delta, self.top_logprobs, token_text)
-        self.logprobs.extend(entries)
+        choice.logprobs.extend(entries)
         return entries
 
     @property
     def usage(self) -> Usage:
+        details = None if self.cached_prompt_tokens is None else PromptTokensDetails(
+            cached_tokens=self.cached_prompt_tokens
+        )
         return Usage(
             prompt_tokens=self.prompt_tokens,
             completion_tokens=self.completion_tokens,
             total_tokens=self.prompt_tokens + self.completion_tokens,
+            prompt_tokens_details=details,
         )
+
+
+    def choice_usage(self, index: int) -> Usage:
+        """The usage so far of one choice (vLLM's `continuous_usage_stats` chunks report it per choice)."""
+        tokens = self.choices[index].tokens
+        return Usage(prompt_tokens=self.prompt_tokens, completion_tokens=tokens, total_tokens=self.prompt_tokens + tokens)
 
 
 def completion_response(
     request_id: str, model: str, created: int, result: CompletionAccumulator
 ) -> ChatCompletionResponse:
-    logprobs = ChoiceLogprobs(content=result.logprobs) if result.top_logprobs is not None else None
-    choice = Choice(
-        message=AssistantMessage(content="".join(result.text_pieces)),
-        logprobs=logprobs,
-        finish_reason=result.finish_reason or "stop",
-    )
-    return ChatCompletionResponse(id=request_id, created=created, model=model, choices=[choice], usage=result.usage)
+    choices = [
+        Choice(
+            index=index,
+            message=AssistantMessage(content="".join(choice.text_pieces)),
+            logprobs=ChoiceLogprobs(content=choice.logprobs) if result.top_logprobs is not None else None,
+            finish_reason=choice.finish_reason or "stop",
+        )
+        for index, choice in enumerate(result.choices)
+    ]
+    return ChatCompletionResponse(id=request_id, created=created, model=model, choices=choices, usage=result.usage)
 
 
 @dataclass(frozen=True, slots=True)
 class ChunkFactory:
-    """Builds the serialised chunks of one stream; every chunk carries `usage: null` when usage was asked for."""
+    """Builds the serialised chunks of one stream; every chunk carries `usage: null` when usage was asked for, or
+    the usage so far with vLLM's `continuous_usage_stats`."""
 
     request_id: str
     model: str
     include_usage: bool
+    continuous_usage: bool = False
     created: int = field(default_factory=lambda: int(time.time()))
 
     def _serialise(self, choices: list[ChunkChoice], usage: Usage | None = None) -> str:
@@ -113,15 +146,22 @@ class ChunkFactory:
                                     usage=usage)
         return chunk.model_dump_json(exclude=None if self.include_usage else {"usage"})
 
-    def role(self) -> str:
-        return self._serialise([ChunkChoice(delta=ChunkDelta(role="assistant", content=""))])
+    def role(self, index: int = 0, usage: Usage | None = None) -> str:
+        return self._serialise([ChunkChoice(index=index, delta=ChunkDelta(role="assistant", content=""))],
+                               self._running(usage))
 
-    def content(self, text: str, logprobs: list[TokenLogprob] | None) -> str:
+    def content(self, text: str, logprobs: list[TokenLogprob] | None, index: int = 0,
+                usage: Usage | None = None) -> str:
         choice_logprobs = ChoiceLogprobs(content=logprobs) if logprobs is not None else None
-        return self._serialise([ChunkChoice(delta=ChunkDelta(content=text), logprobs=choice_logprobs)])
+        return self._serialise([ChunkChoice(index=index, delta=ChunkDelta(content=text), logprobs=choice_logprobs)],
+                               self._running(usage))
 
-    def finish(self, finish_reason: str) -> str:
-        return self._serialise([ChunkChoice(delta=ChunkDelta(), finish_reason=finish_reason)])
+    def finish(self, finish_reason: str, index: int = 0, usage: Usage | None = None) -> str:
+        return self._serialise([ChunkChoice(index=index, delta=ChunkDelta(), finish_reason=finish_reason)],
+                               self._running(usage))
 
     def usage(self, usage: Usage) -> str:
         return self._serialise([], usage=usage)
+
+    def _running(self, usage: Usage | None) -> Usage | None:
+        return usage if self.continuous_usage else None

@@ -38,7 +38,7 @@ class DeltaStream:
         except BaseException:
             await self.aclose()
             raise
-        if delta.finish_reason is not None:
+        if delta.ends_stream:
             await self.aclose()
         return delta
 

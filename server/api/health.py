@@ -16,10 +16,13 @@ logger = logging.getLogger(__name__)
 router = APIRouter()
 
 
-@router.get("/health")
-async def health() -> dict[str, str]:
-    """200 while the process serves HTTP; says nothing about the pools (see `/ready`)."""
-    return {"status": "ok"}
+@router.get("/health", responses={503: {"description": "Every language engine of a pool is dead."}})
+async def health(request: Request) -> JSONResponse:
+    """200 while the process serves HTTP and every pool of language engines has a live one; 503 otherwise, as
+    vLLM's `/health` fails when its engine is dead. Draining does not fail it (see `/ready`)."""
+    if not gateway_state(request).pipeline.engines_alive():
+        return JSONResponse({"status": "engine_dead"}, status_code=503)
+    return JSONResponse({"status": "ok"})
 
 
 @router.get("/ready", responses={503: {"description": "At least one pool has no live replica."}})

@@ -12,10 +12,14 @@ import re
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from dvd_serve.common.chat import ChatJob, ChatMessage, Detail, ImagePart, SamplingConfig, TextPart
+from dvd_serve.common.chat import (
+    ChatJob, ChatMessage, Detail, ImagePart, PromptOptions, SamplingConfig, TextPart,
+)
 from dvd_serve.common.errors import InvalidRequestError
 from dvd_serve.server.api.image_refs import check_image_reference
-from dvd_serve.server.api.protocol import ChatCompletionRequest, ChatMessageIn, ImageContentPart, TextContentPart
+from dvd_serve.server.api.protocol import (
+    ChatCompletionRequest, ChatMessageIn, ImageContentPart, RefusalContentPart, TextContentPart,
+)
 from dvd_serve.server.gateway_config import GatewayConfig
 
 RESERVED_MARKERS = (
@@ -24,19 +28,60 @@ RESERVED_MARKERS = (
 _RESERVED_PATTERN = re.compile("|".join(re.escape(marker) for marker in RESERVED_MARKERS))
 _LONE_SURROGATE = re.compile("[\ud800-\udfff]")
 
-# OpenAI features dvd-serve does not implement, and the values that mean "not used" (None is always fine).
-UNSUPPORTED_FEATURE_NOOPS: Mapping[str, Callable[[Any], bool]] = {
-    "frequency_penalty": lambda value: value == 0,
-    "presence_penalty": lambda value: value == 0,
-    "logit_bias": lambda value: not value,
-    "tools": lambda value: not value,
-    "functions": lambda value: not value,
-    "tool_choice": lambda value: value in ("none", "auto"),  # without tools both mean a plain text answer
-    "function_call": lambda value: value in ("none", "auto"),
-    "response_format": lambda value: value == {"type": "text"},
-    "modalities": lambda value: value == ["text"],
-    "reasoning_effort": lambda value: False,
+_NOT_USED = (None, False, 0, "", [], {})
+
+
+def _only(*values: Any) -> Callable[[Any], bool]:
+    return lambda value: any(value == allowed and type(value) is type(allowed) for allowed in values)
+
+
+def _unset(value: Any) -> bool:
+    return any(value == nothing and type(value) is type(nothing) for nothing in _NOT_USED)
+
+
+_NO_TOOLS = "this server has no tool calling"
+# Features of OpenAI and of vLLM's chat API that dvd-serve does not implement: the test for the values that mean
+# "not used" (None is always fine; vLLM's own default is always one of them) and why any other value is refused.
+REFUSED_FEATURES: Mapping[str, tuple[Callable[[Any], bool], str]] = {
+    "tools": (_unset, _NO_TOOLS),
+    "functions": (_unset, _NO_TOOLS),
+    "tool_choice": (_only("none", "auto"), _NO_TOOLS),  # without tools both mean a plain text answer
+    "function_call": (_only("none", "auto"), _NO_TOOLS),
+    "response_format": (lambda value: value == {"type": "text"}, "structured output is not supported"),
+    "structured_outputs": (_unset, "structured output is not supported"),
+    "modalities": (lambda value: value == ["text"], "only text output is supported"),
+    "reasoning_effort": (lambda value: False, "reasoning controls are not supported"),
+    "thinking_token_budget": (_unset, "reasoning controls are not supported"),
+    "include_reasoning": (_only(True), "reasoning controls are not supported"),
+    "use_beam_search": (_unset, "beam search is not supported"),
+    "length_penalty": (_only(1, 1.0), "it applies to beam search, which is not supported"),
+    "watermarking": (_unset, "watermarking is not supported"),
+    "truncate_prompt_tokens": (_unset, "prompts are never truncated; an oversized prompt is a 400"),
+    "truncation_side": (_unset, "prompts are never truncated; an oversized prompt is a 400"),
+    "prompt_logprobs": (_unset, "prompt log-probabilities are not supported"),
+    "logprob_token_ids": (_unset, "log-probabilities of chosen token ids are not supported; use top_logprobs"),
+    "echo": (_unset, "echoing the prompt is not supported"),
+    "add_special_tokens": (_unset, "the chat template adds the special tokens"),
+    "chat_template": (_unset, "the checkpoint's own chat template is always used"),
+    "media_io_kwargs": (_unset, "media loading options are not supported"),
+    "return_tokens_as_token_ids": (_unset, "tokens are returned as text"),
+    "return_token_ids": (_unset, "token ids are not returned"),
+    "routed_experts_prompt_start": (_unset, "routed-expert data is not returned"),
+    "return_token_offsets": (_unset, "token offsets are not returned"),
+    "return_prompt_text": (_unset, "the prompt text is not returned"),
+    "mm_payload": (_only("tensors"), "it applies to vLLM's render endpoints only"),
+    "return_mm_kwargs": (_unset, "it applies to vLLM's render endpoints only"),
+    "cache_salt": (_unset, "prefix-cache salting is not supported"),
+    "kv_transfer_params": (_unset, "KV transfer is not supported"),
+    "ec_transfer_params": (_unset, "encoder-cache transfer is not supported"),
+    "vllm_xargs": (_unset, "custom vLLM extensions are not supported"),
+    "repetition_detection": (_unset, "repetition detection is not supported"),
+    "stream_interval": (_only(1), "chunks are streamed as soon as tokens are ready"),
 }
+# `mm_processor_kwargs` keys that are honoured (InternVL's processor option, as the per-request tile cap).
+MM_PROCESSOR_KWARGS = ("max_dynamic_patch",)
+# Roles whose messages may carry no `content` (OpenAI allows it for assistant messages with tool calls).
+_CONTENT_OPTIONAL_ROLES = ("assistant",)
 
 
 class ModelNotFoundError(InvalidRequestError):
@@ -53,8 +98,55 @@ def build_chat_job(
         raise ModelNotFoundError("The model does not exist.", code="model_not_found", param="model")
     _check_unsupported_features(request)
     sampling = build_sampling(request, config, max_model_len)
-    messages = build_messages(request.messages, config, request.max_tiles)
-    return ChatJob(request_id=request_id, messages=messages, sampling=sampling, deadline_s=config.request_timeout_s)
+    max_tiles = _request_max_tiles(request, config)
+    messages = build_messages(request.messages, config, max_tiles)
+    return ChatJob(
+        request_id=request_id,
+        messages=messages,
+        sampling=sampling,
+        deadline_s=config.request_timeout_s,
+        prompt_options=build_prompt_options(request),
+        priority=request.priority,
+    )
+
+
+def build_prompt_options(request: ChatCompletionRequest) -> PromptOptions:
+    """The chat-template settings of `request`, as vLLM's `build_chat_params` gathers them."""
+    if request.add_generation_prompt and request.continue_final_message:
+        raise _invalid(
+            "Cannot set both 'continue_final_message' and 'add_generation_prompt' to true.", "continue_final_message"
+        )
+    kwargs = dict(request.chat_template_kwargs or {})
+    for reserved in ("chat_template", "tokenize", "messages", "conversation", "tools", "return_dict"):
+        if reserved in kwargs:
+            raise _invalid(f"'chat_template_kwargs' may not set '{reserved}'.", f"chat_template_kwargs.{reserved}")
+    return PromptOptions(
+        add_generation_prompt=request.add_generation_prompt,
+        continue_final_message=request.continue_final_message,
+        documents=tuple(request.documents) if request.documents is not None else None,
+        template_kwargs=tuple(kwargs.items()),
+    )
+
+
+def _request_max_tiles(request: ChatCompletionRequest, config: GatewayConfig) -> int | None:
+    """The request-wide tile cap: `max_tiles`, or vLLM's `mm_processor_kwargs.max_dynamic_patch`."""
+    processor_kwargs = request.mm_processor_kwargs or {}
+    for key in processor_kwargs:
+        if key not in MM_PROCESSOR_KWARGS:
+            raise _invalid(
+                f"'mm_processor_kwargs.{key}' is not supported (supported: {', '.join(MM_PROCESSOR_KWARGS)}).",
+                f"mm_processor_kwargs.{key}", code="unsupported_parameter",
+            )
+    patch = processor_kwargs.get("max_dynamic_patch")
+    if patch is None:
+        return request.max_tiles
+    param = "mm_processor_kwargs.max_dynamic_patch"
+    if type(patch) is not int or patch < 1:
+        raise _invalid("'max_dynamic_patch' must be a positive integer.", param)
+    if request.max_tiles is not None and request.max_tiles != patch:
+        raise _invalid("'max_tiles' and 'mm_processor_kwargs.max_dynamic_patch' disagree; send one.", param)
+    _check_tile_cap(patch, param, config)
+    return patch
 
 
 def _invalid(message: str, param: str, code: str = "invalid_value") -> InvalidRequestError:
@@ -62,12 +154,10 @@ def _invalid(message: str, param: str, code: str = "invalid_value") -> InvalidRe
 
 
 def _check_unsupported_features(request: ChatCompletionRequest) -> None:
-    for name, is_noop in UNSUPPORTED_FEATURE_NOOPS.items():
+    for name, (is_noop, reason) in REFUSED_FEATURES.items():
         value = getattr(request, name)
         if value is not None and not is_noop(value):
-            raise _invalid(f"'{name}' is not supported by this server.", name, code="unsupported_parameter")
-    if request.n not in (None, 1):
-        raise _invalid("Only n=1 is supported.", "n", code="unsupported_value")
+            raise _invalid(f"'{name}' is not supported by this server: {reason}.", name, code="unsupported_parameter")
     if request.stream_options is not None and not request.stream:
         raise _invalid("'stream_options' is only allowed when 'stream' is true.", "stream_options")
 
@@ -89,17 +179,53 @@ def build_sampling(request: ChatCompletionRequest, config: GatewayConfig, max_mo
         )
     if request.top_logprobs is not None and not request.logprobs:
         raise _invalid("'top_logprobs' requires 'logprobs' to be true.", "top_logprobs")
+    if max_tokens is not None and request.min_tokens > max_tokens:
+        raise _invalid(f"'min_tokens' ({request.min_tokens}) may not exceed '{given_field}' ({max_tokens}).",
+                       "min_tokens")
+    n = 1 if request.n is None else request.n
+    if n > config.max_n:
+        raise _invalid(f"'n' may be at most {config.max_n} on this server.", "n")
     stop = request.stop
     return SamplingConfig(
-        max_tokens=max_tokens or max(1, min(config.default_max_tokens, max_model_len - 1)),
+        n=n,
+        max_tokens=max_tokens,
         max_tokens_param=given_field if max_tokens is not None else None,
-        temperature=1.0 if request.temperature is None else request.temperature,
-        top_p=1.0 if request.top_p is None else request.top_p,
+        temperature=request.temperature,
+        top_p=request.top_p,
+        top_k=request.top_k,
+        min_p=request.min_p,
+        presence_penalty=request.presence_penalty,
+        frequency_penalty=request.frequency_penalty,
+        repetition_penalty=request.repetition_penalty,
         seed=request.seed,
         stop=(stop,) if isinstance(stop, str) else tuple(stop or ()),
+        stop_token_ids=tuple(request.stop_token_ids or ()),
+        include_stop_str_in_output=request.include_stop_str_in_output,
+        min_tokens=request.min_tokens,
         logprobs=(request.top_logprobs or 0) if request.logprobs else None,
+        logit_bias=_logit_bias(request.logit_bias),
+        allowed_token_ids=tuple(request.allowed_token_ids) if request.allowed_token_ids is not None else None,
+        bad_words=tuple(request.bad_words or ()),
         ignore_eos=request.ignore_eos,
+        skip_special_tokens=request.skip_special_tokens,
+        spaces_between_special_tokens=request.spaces_between_special_tokens,
     )
+
+
+def _logit_bias(bias: dict[str, float] | None) -> dict[int, float] | None:
+    """Token-id keys as integers; whether they are in the vocabulary the engine checks (vLLM's own check)."""
+    if not bias:
+        return None
+    converted: dict[int, float] = {}
+    for key, value in bias.items():
+        try:
+            token_id = int(key)
+        except ValueError:
+            raise _invalid(f"'logit_bias' keys must be token ids; got {key[:32]!r}.", "logit_bias") from None
+        if token_id < 0:
+            raise _invalid(f"'logit_bias' token id {token_id} is outside the vocabulary.", "logit_bias")
+        converted[token_id] = value
+    return converted
 
 
 def build_messages(
@@ -122,16 +248,21 @@ def build_messages(
     built: list[ChatMessage] = []
     for message_index, message in enumerate(messages):
         param = f"messages[{message_index}].content"
-        role = "system" if message.role == "developer" else message.role
-        if isinstance(message.content, str):
-            parts: tuple[TextPart | ImagePart, ...] = (_text_part(message.content, param),)
+        role = message.role
+        _check_assistant_fields(message, f"messages[{message_index}]")
+        if message.content is None:
+            if role not in _CONTENT_OPTIONAL_ROLES:
+                raise _invalid(f"A {role} message needs 'content'.", param)
+            parts: tuple[TextPart | ImagePart, ...] = ()
+        elif isinstance(message.content, str):
+            parts = (_text_part(message.content, param),)
         else:
             parts = tuple(
                 _content_part(part, role, f"{param}[{part_index}]", config, request_max_tiles)
                 for part_index, part in enumerate(message.content)
             )
         text_chars += sum(len(part.text) for part in parts if isinstance(part, TextPart))
-        built.append(ChatMessage(role=role, parts=parts))
+        built.append(ChatMessage(role=role, parts=parts, name=message.name))
     if text_chars > config.max_text_chars:
         raise _invalid(
             f"The messages' text is too long (at most {config.max_text_chars} characters).", "messages",
@@ -140,13 +271,37 @@ def build_messages(
     return tuple(built)
 
 
+def _check_assistant_fields(message: ChatMessageIn, param: str) -> None:
+    """Refuses what the SDK may send back that this server cannot render (tool calls are issue #16's work)."""
+    if message.role != "assistant":
+        for name in ("refusal", "annotations", "audio", "function_call", "tool_calls"):
+            if getattr(message, name) is not None:
+                raise _invalid(f"'{name}' is only allowed in assistant messages.", f"{param}.{name}")
+        return
+    if message.tool_calls:
+        raise _invalid(
+            "Assistant messages with 'tool_calls' are not supported: this server has no tool calling.",
+            f"{param}.tool_calls", code="unsupported_parameter",
+        )
+    if message.function_call is not None:
+        raise _invalid("'function_call' is not supported: this server has no tool calling.",
+                       f"{param}.function_call", code="unsupported_parameter")
+    if message.audio is not None:
+        raise _invalid("'audio' is not supported: this server has no audio.", f"{param}.audio",
+                       code="unsupported_parameter")
+
+
 def _content_part(
-    part: TextContentPart | ImageContentPart,
+    part: TextContentPart | ImageContentPart | RefusalContentPart,
     role: str,
     param: str,
     config: GatewayConfig,
     request_max_tiles: int | None,
 ) -> TextPart | ImagePart:
+    if isinstance(part, RefusalContentPart):
+        if role != "assistant":
+            raise _invalid("Refusal parts are only allowed in assistant messages.", param)
+        return _text_part(part.refusal, f"{param}.refusal")
     if not isinstance(part, ImageContentPart):
         return _text_part(part.text, f"{param}.text")
     if role != "user":

@@ -1,13 +1,16 @@
-"""Request and response bodies of the OpenAI-compatible API, field by field as in the OpenAI reference.
+"""Request and response bodies of the OpenAI-compatible API, field by field as in the OpenAI reference and vLLM's
+own chat `ChatCompletionRequest` (vllm/entrypoints/openai/chat_completion/protocol.py).
 
-Unknown-field policy (a request carrying any other field is a 400 with `param` naming it):
-- OpenAI fields dvd-serve implements are validated and used.
+Unknown-field policy (a request carrying any other field is a 400 with `param` naming it, as OpenAI answers):
+- OpenAI fields and vLLM's extra fields dvd-serve implements are validated and honoured as vLLM honours them.
 - OpenAI bookkeeping fields that change nothing in the answer (`user`, `metadata`, `store`, `service_tier`,
-  `safety_identifier`, `prompt_cache_key`, `parallel_tool_calls`, `name` on messages,
-  `stream_options.include_obfuscation`) are accepted and ignored, because common clients send them by default.
-- OpenAI features dvd-serve lacks (`frequency_penalty`, `presence_penalty`, `logit_bias`, `tools`, `tool_choice`,
-  `functions`, `function_call`, `response_format`, `modalities`, `reasoning_effort`) are accepted only at the value
-  meaning "not used"; any other value is a 400 (see `job_builder.UNSUPPORTED_FEATURE_NOOPS`).
+  `safety_identifier`, `prompt_cache_key`, `parallel_tool_calls`, `stream_options.include_obfuscation`, vLLM's
+  `session_id`) are accepted and ignored, because common clients send them by default.
+- Assistant messages accept every field the OpenAI SDK sends back (`refusal`, `annotations`, `audio`,
+  `function_call`, `tool_calls`); `audio`, `function_call` and a non-empty `tool_calls` are refused with a 400 that
+  says why (this server has no audio and no tool calling).
+- OpenAI and vLLM features dvd-serve lacks are declared so they are recognised, and accepted only at the value
+  meaning "not used"; any other value is a 400 saying why (see `job_builder.REFUSED_FEATURES`).
 - dvd-serve's own fields sit in a marked block below.
 """
 
@@ -80,11 +83,22 @@ class ImageContentPart(RequestModel):
     image_url: ImageUrlSpec
 
 
+class RefusalContentPart(RequestModel):
+    """An assistant message's refusal; read as text, as vLLM reads it (assistant messages only)."""
+
+    type: Literal["refusal"]
+    refusal: str
+
+
 # Tags contain "-" so that error locations can drop them (they are never field names).
 ContentPart = Annotated[
-    Union[Annotated[TextContentPart, Tag("text-part")], Annotated[ImageContentPart, Tag("image-part")]],
+    Union[
+        Annotated[TextContentPart, Tag("text-part")],
+        Annotated[ImageContentPart, Tag("image-part")],
+        Annotated[RefusalContentPart, Tag("refusal-part")],
+    ],
     Discriminator(
-        _tag_by_type({"text": "text-part", "image_url": "image-part"}),
+        _tag_by_type({"text": "text-part", "image_url": "image-part", "refusal": "refusal-part"}),
         custom_error_type="unsupported_content_part",
         custom_error_message="Unsupported content part type.",
     ),
@@ -112,15 +126,28 @@ StopSequences = Annotated[
 
 class ChatMessageIn(RequestModel):
     role: Literal["system", "developer", "user", "assistant"] = Field(
-        description="`developer` is treated as `system`. Images are allowed in user messages only."
+        description="`developer` becomes `system` when the chat template has no developer role (as in vLLM). "
+        "Images are allowed in user messages only."
     )
-    content: MessageContent
-    name: str | None = Field(default=None, description="Accepted and ignored.")
+    content: MessageContent | None = Field(default=None, description="Required except in assistant messages.")
+    name: str | None = Field(default=None, description="Passed to the chat template, as vLLM does.")
+
+    # --- assistant fields the OpenAI SDK sends back with `choices[i].message` ---
+    refusal: str | None = Field(default=None, description="Accepted and not rendered (as in vLLM).")
+    annotations: list[dict[str, Any]] | None = Field(default=None, description="Accepted and ignored.")
+    audio: dict[str, Any] | None = Field(default=None, description="Only null: this server has no audio output.")
+    function_call: dict[str, Any] | None = Field(default=None, description="Only null: no tool calling yet.")
+    tool_calls: list[dict[str, Any]] | None = Field(default=None, description="Only null or empty: no tool calling yet.")
 
 
 class StreamOptions(RequestModel):
     include_usage: StrictBool = Field(default=False, description="Send a last chunk with token usage.")
+    continuous_usage_stats: StrictBool = Field(
+        default=False, description="vLLM: with include_usage, every chunk carries the usage so far."
+    )
     include_obfuscation: StrictBool | None = Field(default=None, description="Accepted and ignored.")
+
+
 
 
 class ChatCompletionRequest(RequestModel):
@@ -130,14 +157,21 @@ class ChatCompletionRequest(RequestModel):
     stream: StrictBool = False
     stream_options: StreamOptions | None = None
     max_tokens: StrictInt | None = Field(default=None, ge=1, description="Deprecated alias of the next field.")
-    max_completion_tokens: StrictInt | None = Field(default=None, ge=1)
+    max_completion_tokens: StrictInt | None = Field(
+        default=None, ge=1, description="Absent = the rest of the context (as in vLLM)."
+    )
     temperature: StrictFloat | None = Field(default=None, ge=0.0, le=2.0)
     top_p: StrictFloat | None = Field(default=None, gt=0.0, le=1.0)
     seed: StrictInt | None = Field(default=None, ge=INT64_MIN, le=INT64_MAX)
     stop: StopSequences | None = None
     logprobs: StrictBool | None = None
     top_logprobs: StrictInt | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
-    n: StrictInt | None = Field(default=None, description="Only 1 is supported.")
+    n: StrictInt | None = Field(default=None, ge=1, description="Choices per request, at most the server's bound.")
+    frequency_penalty: StrictFloat | None = Field(default=None, ge=-2.0, le=2.0)
+    presence_penalty: StrictFloat | None = Field(default=None, ge=-2.0, le=2.0)
+    logit_bias: dict[str, Annotated[StrictFloat, Field(ge=-100, le=100)]] | None = Field(
+        default=None, description="Token id (as a string) -> bias in [-100, 100]; ids must be in the vocabulary."
+    )
 
     # --- OpenAI bookkeeping fields: accepted, no effect ---
     user: str | None = None
@@ -149,9 +183,6 @@ class ChatCompletionRequest(RequestModel):
     parallel_tool_calls: StrictBool | None = None
 
     # --- OpenAI features dvd-serve lacks: accepted only at their "not used" value ---
-    frequency_penalty: StrictFloat | None = None
-    presence_penalty: StrictFloat | None = None
-    logit_bias: dict[str, StrictFloat] | None = None
     tools: list[dict[str, Any]] | None = None
     tool_choice: str | dict[str, Any] | None = None
     functions: list[dict[str, Any]] | None = None
@@ -160,11 +191,74 @@ class ChatCompletionRequest(RequestModel):
     modalities: list[str] | None = None
     reasoning_effort: str | None = None
 
+    # --- vLLM's extra sampling fields, honoured as vLLM honours them ---
+    top_k: StrictInt | None = Field(default=None, ge=-1, description="vLLM: 0 or -1 = no top-k cut.")
+    min_p: StrictFloat | None = Field(default=None, ge=0.0, le=1.0)
+    repetition_penalty: StrictFloat | None = Field(default=None, gt=0.0)
+    min_tokens: StrictInt = Field(default=0, ge=0, description="vLLM: tokens before EOS/stop ids may end.")
+    stop_token_ids: list[StrictInt] | None = Field(default=None, max_length=MAX_STOP_SEQUENCES)
+    include_stop_str_in_output: StrictBool = False
+    ignore_eos: StrictBool = Field(default=False, description="vLLM: keep generating past end-of-sequence.")
+    skip_special_tokens: StrictBool = True
+    spaces_between_special_tokens: StrictBool = True
+    allowed_token_ids: list[StrictInt] | None = None
+    bad_words: list[str] | None = None
+
+    # --- vLLM's extra request fields, honoured as vLLM honours them ---
+    add_generation_prompt: StrictBool = Field(default=True, description="vLLM: open the assistant turn.")
+    continue_final_message: StrictBool = Field(
+        default=False, description="vLLM: continue the last (assistant) message instead of opening a new turn."
+    )
+    documents: list[dict[str, str]] | None = Field(default=None, description="vLLM: passed to the chat template.")
+    chat_template_kwargs: dict[str, Any] | None = Field(
+        default=None, description="vLLM: extra variables for the checkpoint's chat template."
+    )
+    mm_processor_kwargs: dict[str, Any] | None = Field(
+        default=None, description="vLLM: image processor options; `max_dynamic_patch` (most tiles) is supported."
+    )
+    request_id: str | None = Field(
+        default=None, min_length=1, max_length=256,
+        description="vLLM: the response id becomes `chatcmpl-<request_id>` (the X-Request-Id header wins).",
+    )
+    priority: StrictInt = Field(
+        default=0, ge=INT64_MIN, le=INT64_MAX,
+        description="vLLM: lower is scheduled earlier; non-zero needs the priority scheduling policy.",
+    )
+    session_id: str | None = Field(default=None, description="vLLM bookkeeping: accepted and ignored.")
+
+    # --- vLLM's extra fields dvd-serve lacks: accepted only at their "not used" value ---
+    use_beam_search: Any = None
+    length_penalty: Any = None
+    watermarking: Any = None
+    truncate_prompt_tokens: Any = None
+    truncation_side: Any = None
+    prompt_logprobs: Any = None
+    logprob_token_ids: Any = None
+    echo: Any = None
+    add_special_tokens: Any = None
+    chat_template: Any = None
+    media_io_kwargs: Any = None
+    return_tokens_as_token_ids: Any = None
+    return_token_ids: Any = None
+    routed_experts_prompt_start: Any = None
+    return_token_offsets: Any = None
+    return_prompt_text: Any = None
+    mm_payload: Any = None
+    return_mm_kwargs: Any = None
+    cache_salt: Any = None
+    kv_transfer_params: Any = None
+    ec_transfer_params: Any = None
+    vllm_xargs: Any = None
+    repetition_detection: Any = None
+    stream_interval: Any = None
+    structured_outputs: Any = None
+    thinking_token_budget: Any = None
+    include_reasoning: Any = None
+
     # --- dvd-serve extensions (not in the OpenAI API) ---
     max_tiles: StrictInt | None = Field(
         default=None, ge=1, description="dvd-serve: default tile cap for every image of the request."
     )
-    ignore_eos: StrictBool = Field(default=False, description="dvd-serve: keep generating past end-of-sequence.")
 
 
 # ---- responses ----
@@ -181,10 +275,15 @@ class ErrorResponse(BaseModel):
     error: ErrorInfo
 
 
+class PromptTokensDetails(BaseModel):
+    cached_tokens: int
+
+
 class Usage(BaseModel):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+    prompt_tokens_details: PromptTokensDetails | None = None
 
 
 class TopLogprob(BaseModel):
@@ -260,3 +359,50 @@ class ModelCard(BaseModel):
 class ModelList(BaseModel):
     object: Literal["list"] = "list"
     data: list[ModelCard]
+
+
+# ---- /tokenize and /detokenize, as vLLM has them ----
+
+
+class TokenizePromptRequest(RequestModel):
+    model: str | None = None
+    prompt: str
+    add_special_tokens: StrictBool = Field(default=True, description="Add the tokenizer's special tokens.")
+    return_token_strs: StrictBool | None = Field(default=None, description="Also return each token's text.")
+
+
+class TokenizeChatRequest(RequestModel):
+    model: str | None = None
+    messages: list[ChatMessageIn] = Field(min_length=1)
+    add_generation_prompt: StrictBool = True
+    continue_final_message: StrictBool = False
+    add_special_tokens: StrictBool = False
+    return_token_strs: StrictBool | None = None
+    chat_template_kwargs: dict[str, Any] | None = None
+    documents: list[dict[str, str]] | None = None
+    # vLLM fields dvd-serve refuses (see the chat request): a per-request template, media options, tools.
+    chat_template: Any = None
+    media_io_kwargs: Any = None
+    mm_processor_kwargs: Any = None
+    tools: Any = None
+
+
+class TokenizeResponse(BaseModel):
+    count: int
+    max_model_len: int
+    tokens: list[int]
+    token_strs: list[str] | None = None
+
+
+class DetokenizeRequest(RequestModel):
+    model: str | None = None
+    tokens: list[Annotated[StrictInt, Field(ge=0, le=INT64_MAX)]] = Field(max_length=1_000_000)
+
+
+class DetokenizeResponse(BaseModel):
+    prompt: str
+
+
+class VersionResponse(BaseModel):
+    version: str
+    vllm_version: str | None = None

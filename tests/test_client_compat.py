@@ -1,0 +1,193 @@
+"""Compatibility suite: the same requests, sent with the official `openai` client to vLLM's own OpenAI server and to
+`dvd-serve serve` (both real, same checkpoint, float32, both checkpoint formats), get the same status class and,
+at temperature 0, the same answer (text and token counts).
+
+One pair of servers per checkpoint format, shared by every case of the module. Neither is given a context length:
+both take the checkpoint's own. Every case sets `max_tokens`, so none runs to the end of the context.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+import openai
+import pytest
+
+from tests.dvd_fixtures import ServerProcess, data_url, free_port, synthetic_image
+
+pytestmark = pytest.mark.slow
+READY_TIMEOUT_S = 600
+MAX_TOKENS = 6
+
+IMAGE_A = data_url(synthetic_image(448, 448, seed=21))
+IMAGE_B = data_url(synthetic_image(896, 448, seed=22))
+
+
+def _image(url: str) -> dict:
+    return {"type": "image_url", "image_url": {"url": url}}
+
+
+def _text(text: str) -> dict:
+    return {"type": "text", "text": text}
+
+
+@pytest.fixture(scope="module", params=["chat", "hf"], ids=["chat-format", "hf-format"])
+def server_pair(request, session_tmp):
+    """(dvd-serve, vLLM's own server) on one tiny checkpoint; started once for all cases of that format."""
+    fmt = request.param
+    model = str(request.getfixturevalue(f"tiny_{fmt}_checkpoint"))
+    ours = ServerProcess(
+        "dvd-serve",
+        [str(Path(sys.executable).parent / "dvd-serve"), "serve", "--model", model, "--port", str(port := free_port()),
+         "--dtype", "float32"],
+        port, "/ready", session_tmp / f"dvd-serve-compat-{fmt}.log",
+    )
+    reference = ServerProcess(
+        "vllm",
+        [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model, "--dtype", "float32",
+         "--enforce-eager", "--seed", "0", "--host", "127.0.0.1", "--port", str(reference_port := free_port()),
+         "--limit-mm-per-prompt", '{"image": 4}', *(["--trust-remote-code"] if fmt == "chat" else [])],
+        reference_port, "/health", session_tmp / f"vllm-compat-{fmt}.log",
+    )
+    try:
+        deadline = time.monotonic() + READY_TIMEOUT_S
+        pending = [ours, reference]
+        while pending and time.monotonic() < deadline:
+            pending = [server for server in pending if not server.is_ready()]
+            time.sleep(1)
+        if pending:
+            pytest.fail("not ready in time: " + "; ".join(f"{s.name}:\n{s.log_tail()}" for s in pending))
+        yield ours.client(max_retries=0), reference.client(max_retries=0)
+    finally:
+        reference.stop()
+        ours.stop()
+
+
+def _outcome(client: openai.OpenAI, messages: list, **fields) -> tuple[str, object]:
+    """('2xx', (texts of the choices, prompt tokens, completion tokens)) or ('4xx' / '5xx', None)."""
+    fields.setdefault("max_tokens", MAX_TOKENS)
+    fields.setdefault("temperature", 0.0)
+    extra = fields.pop("extra_body", {})
+    model = client.models.list().data[0].id
+    try:
+        answer = client.chat.completions.create(model=model, messages=messages, extra_body=extra, **fields)
+    except openai.APIStatusError as error:
+        return f"{error.status_code // 100}xx", None
+    texts = tuple(choice.message.content for choice in sorted(answer.choices, key=lambda choice: choice.index))
+    return "2xx", (texts, answer.usage.prompt_tokens, answer.usage.completion_tokens)
+
+
+def _same(server_pair, messages: list, **fields) -> tuple[str, object]:
+    ours, reference = server_pair
+    expected = _outcome(reference, messages, **fields)
+    assert _outcome(ours, messages, **fields) == expected
+    return expected
+
+
+CONTENT_ORDERS = {
+    "text-first": [_text("What is in this picture?"), _image(IMAGE_A)],
+    "image-first": [_image(IMAGE_A), _text("What is in this picture?")],
+    "interleaved-multi-image": [_text("First:"), _image(IMAGE_A), _text("Second:"), _image(IMAGE_B),
+                                _text("Compare them.")],
+    "images-only": [_image(IMAGE_B), _image(IMAGE_A)],
+}
+
+
+@pytest.mark.parametrize("order", list(CONTENT_ORDERS))
+def test_content_in_the_users_order_gives_vllms_tokens(server_pair, order):
+    status, answer = _same(server_pair, [{"role": "user", "content": CONTENT_ORDERS[order]}])
+    assert status == "2xx" and answer[2] == MAX_TOKENS
+
+
+def test_text_first_and_image_first_prompts_differ(server_pair):
+    ours, _ = server_pair
+    text_first = _outcome(ours, [{"role": "user", "content": CONTENT_ORDERS["text-first"]}])
+    image_first = _outcome(ours, [{"role": "user", "content": CONTENT_ORDERS["image-first"]}])
+    assert text_first[0] == image_first[0] == "2xx" and text_first[1][0] != image_first[1][0]
+
+
+def test_multi_turn_appending_the_sdks_message_objects(server_pair):
+    """The SDK's own examples: append `choices[0].message` (it carries refusal, annotations, audio, tool_calls)."""
+    conversations = []
+    for client in server_pair:
+        model = client.models.list().data[0].id
+        messages: list = [
+            {"role": "system", "content": "You describe pictures."},
+            {"role": "user", "content": [_text("Look:"), _image(IMAGE_A)]},
+        ]
+        first = client.chat.completions.create(model=model, messages=messages, max_tokens=MAX_TOKENS, temperature=0)
+        messages += [first.choices[0].message, {"role": "user", "content": [_image(IMAGE_B), _text("And this?")]}]
+        second = client.chat.completions.create(model=model, messages=messages, max_tokens=MAX_TOKENS, temperature=0)
+        messages += [second.choices[0].message.model_dump(), {"role": "developer", "content": "Be brief."},
+                     {"role": "user", "content": "Thanks."}]
+        third = client.chat.completions.create(model=model, messages=messages, max_tokens=MAX_TOKENS, temperature=0)
+        conversations.append([(answer.choices[0].message.content, answer.usage.prompt_tokens)
+                              for answer in (first, second, third)])
+    assert conversations[0] == conversations[1]
+
+
+SAMPLING_CASES = {
+    "penalties": dict(presence_penalty=1.5, frequency_penalty=0.5, extra_body={"repetition_penalty": 1.3}),
+    "logit_bias": dict(logit_bias={"100": 50, "101": -100, "7": 30}),
+    "min_tokens_ignoring_eos_ids": dict(extra_body={"min_tokens": 4, "top_k": 5, "min_p": 0.1}),
+    "stop_token_ids": dict(max_tokens=12, extra_body={"stop_token_ids": [100, 200, 300]}),
+    "template_kwargs": dict(extra_body={"chat_template_kwargs": {"unused_variable": 1}, "skip_special_tokens": False}),
+    "n_sampled": dict(n=3, temperature=1.0, seed=7),
+}
+
+
+@pytest.mark.parametrize("case", list(SAMPLING_CASES))
+def test_sampling_fields_are_honoured_like_vllm(server_pair, case):
+    fields = dict(SAMPLING_CASES[case])
+    messages = [{"role": "user", "content": [_image(IMAGE_A), _text("Describe it.")]}]
+    ours, reference = server_pair
+    if case == "n_sampled":  # sampled: compare the shape of the answer, not its tokens
+        theirs, mine = _outcome(reference, messages, **fields), _outcome(ours, messages, **fields)
+        assert theirs[0] == mine[0] == "2xx"
+        assert len(mine[1][0]) == len(theirs[1][0]) == 3 and mine[1][1:] == theirs[1][1:]
+        return
+    assert _same(server_pair, messages, **fields)[0] == "2xx"
+
+
+def test_continue_final_message_like_vllm(server_pair):
+    messages = [{"role": "user", "content": "Name a colour."}, {"role": "assistant", "content": "The colour is"}]
+    status, _ = _same(server_pair, messages,
+                      extra_body={"add_generation_prompt": False, "continue_final_message": True})
+    assert status == "2xx"
+
+
+BAD_INPUT = {
+    "min_tokens_above_max_tokens": dict(max_tokens=3, extra_body={"min_tokens": 5}),
+    "presence_penalty_out_of_range": dict(presence_penalty=3.0),
+    "logit_bias_id_outside_vocab": dict(logit_bias={"999999999": 5}),
+    "greedy_with_n_2": dict(n=2, temperature=0.0),
+    "top_p_zero": dict(top_p=0.0),
+    "max_tokens_beyond_context": dict(max_tokens=10**7),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUT))
+def test_bad_input_is_a_4xx_on_both(server_pair, case):
+    status, _ = _same(server_pair, [{"role": "user", "content": "Hi"}], **BAD_INPUT[case])
+    assert status == "4xx"
+    # and nothing is disturbed: the next request is answered normally
+    assert _outcome(server_pair[0], [{"role": "user", "content": "Hi"}])[0] == "2xx"
+
+
+def test_streamed_choices_carry_their_index_and_usage_is_summed(server_pair):
+    totals = []
+    for client in server_pair:
+        model = client.models.list().data[0].id
+        stream = client.chat.completions.create(
+            model=model, messages=[{"role": "user", "content": "Hi"}], n=2, temperature=1.0, seed=3,
+            max_tokens=MAX_TOKENS, stream=True, stream_options={"include_usage": True},
+            extra_body={"ignore_eos": True})
+        indices, usage = set(), None
+        for chunk in stream:
+            indices |= {choice.index for choice in chunk.choices}
+            usage = chunk.usage or usage
+        totals.append((indices, usage.completion_tokens, usage.prompt_tokens))
+    assert totals[0] == totals[1] == ({0, 1}, 2 * MAX_TOKENS, totals[1][2])
+
