@@ -9,14 +9,19 @@ Who records what:
 - embedding sender (vision -> LM hop): `transfer_bytes`, `transfer_seconds`.
 - orchestration: `pool_in_flight` (jobs handed to each pool and not yet finished), `pool_admitted` (jobs holding a
   place in each pool, waiting ones included) and `admission_refusals` (jobs refused with 429, by pool).
+- `VllmRequestMetrics` (the gateway, for each finished request): the request-level series of vLLM's own server under
+  vLLM's names, labels and buckets, so vLLM's Grafana dashboards and alerts work unchanged; see `docs/metrics.md`.
 
 No metric touches prometheus_client's global default registry, so tests may build several apps in one process.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+from vllm.v1.metrics.buckets import build_1_2_5_buckets, histogram_buckets
 
 from dvd_serve.common.chat import StageTimings
 
@@ -30,6 +35,118 @@ BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 BYTES_BUCKETS = tuple(float(1024 * 4**power) for power in range(11))  # 1 KiB .. 1 GiB
 TOKEN_BUCKETS = (64, 128, 256, 512, 768, 1024, 1536, 2048, 3328, 4096, 8192, 16384, 32768)
 RATIO_BUCKETS = (0.25, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 1.0)
+# vLLM caps its token-count buckets at the context length; this cap covers every InternVL3.5 context.
+VLLM_TOKEN_BUCKETS = tuple(build_1_2_5_buckets(1_000_000))
+VLLM_MODEL_LABEL = "model_name"
+
+
+@dataclass(frozen=True)
+class FinishedRequest:
+    """What the gateway knows of one finished request, for the vLLM-named series (seconds, token counts)."""
+
+    e2e_s: float
+    ttft_s: float | None  # None: no content was produced
+    prompt_tokens: int
+    generation_tokens: int  # summed over the choices
+    per_choice_generation_tokens: tuple[int, ...]
+    finish_reasons: tuple[str, ...]  # one per choice, OpenAI's words (stop, length, ...)
+    inter_token_s: tuple[float, ...]  # gap between consecutive token deltas, per token
+    n: int
+    max_tokens: int | None  # None: not given (the rest of the context)
+    queue_s: float | None
+    inference_s: float | None
+
+
+class VllmRequestMetrics:
+    """vLLM's request-level series (`vllm:*`), measured where the client sees them: at the gateway.
+
+    Names, help texts' meaning, label `model_name` and bucket bounds are vLLM 0.32's, taken from
+    `vllm.v1.metrics.buckets`, so a dashboard written for vLLM's server reads these unchanged. vLLM also labels each
+    series with `engine` (its engine index); dvd-serve's series cover the whole language pool and carry no such
+    label. Engine-internal series (KV-cache usage, running/waiting counts, prefix-cache hits) are not here: they
+    live in the language replicas' engines, which have no Prometheus endpoint of their own.
+    """
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        labels = (VLLM_MODEL_LABEL,)
+        latency = histogram_buckets("request_latency")
+        inter_token = histogram_buckets("inter_token_latency")
+
+        def histogram(name: str, documentation: str, buckets) -> Histogram:
+            return Histogram(f"vllm:{name}", documentation, labels, buckets=buckets, registry=registry)
+
+        def counter(name: str, documentation: str, extra: tuple[str, ...] = ()) -> Counter:
+            return Counter(f"vllm:{name}", documentation, labels + extra, registry=registry)
+
+        self.prompt_tokens = counter("prompt_tokens", "Number of prefill tokens processed.")
+        self.generation_tokens = counter("generation_tokens", "Number of generation tokens processed.")
+        self.request_success = counter(
+            "request_success", "Count of successfully processed requests.", ("finished_reason",)
+        )
+        self.request_prompt_tokens = histogram(
+            "request_prompt_tokens", "Number of prefill tokens processed.", VLLM_TOKEN_BUCKETS
+        )
+        self.request_generation_tokens = histogram(
+            "request_generation_tokens", "Number of generation tokens processed.", VLLM_TOKEN_BUCKETS
+        )
+        self.request_max_num_generation_tokens = histogram(
+            "request_max_num_generation_tokens", "Maximum number of requested generation tokens.", VLLM_TOKEN_BUCKETS
+        )
+        self.request_params_n = histogram(
+            "request_params_n", "The n request parameter.", histogram_buckets("request_params_n")
+        )
+        self.request_params_max_tokens = histogram(
+            "request_params_max_tokens", "The max_tokens request parameter.", VLLM_TOKEN_BUCKETS
+        )
+        self.time_to_first_token = histogram(
+            "time_to_first_token_seconds", "Histogram of time to first token in seconds.",
+            histogram_buckets("time_to_first_token"),
+        )
+        self.inter_token_latency = histogram(
+            "inter_token_latency_seconds", "Histogram of inter-token latency in seconds.", inter_token
+        )
+        self.request_time_per_output_token = histogram(
+            "request_time_per_output_token_seconds", "Histogram of time_per_output_token_seconds per request.",
+            inter_token,
+        )
+        self.e2e_request_latency = histogram(
+            "e2e_request_latency_seconds", "Histogram of e2e request latency in seconds.", latency
+        )
+        self.request_queue_time = histogram(
+            "request_queue_time_seconds", "Histogram of time spent in WAITING phase for request.", latency
+        )
+        self.request_inference_time = histogram(
+            "request_inference_time_seconds", "Histogram of time spent in RUNNING phase for request.", latency
+        )
+
+    def observe(self, model_name: str, request: FinishedRequest) -> None:
+        self.prompt_tokens.labels(model_name).inc(request.prompt_tokens)
+        self.generation_tokens.labels(model_name).inc(request.generation_tokens)
+        for reason in request.finish_reasons:
+            self.request_success.labels(model_name, reason).inc()
+        self.request_prompt_tokens.labels(model_name).observe(request.prompt_tokens)
+        for tokens in request.per_choice_generation_tokens:
+            self.request_generation_tokens.labels(model_name).observe(tokens)
+        self.request_max_num_generation_tokens.labels(model_name).observe(
+            max(request.per_choice_generation_tokens, default=0)
+        )
+        self.request_params_n.labels(model_name).observe(request.n)
+        if request.max_tokens is not None:
+            self.request_params_max_tokens.labels(model_name).observe(request.max_tokens)
+        self.e2e_request_latency.labels(model_name).observe(request.e2e_s)
+        inter_token = self.inter_token_latency.labels(model_name)
+        for gap in request.inter_token_s:
+            inter_token.observe(gap)
+        if request.ttft_s is not None:
+            self.time_to_first_token.labels(model_name).observe(request.ttft_s)
+            if request.generation_tokens > 1:
+                self.request_time_per_output_token.labels(model_name).observe(
+                    (request.e2e_s - request.ttft_s) / (request.generation_tokens - 1)
+                )
+        if request.queue_s is not None:
+            self.request_queue_time.labels(model_name).observe(request.queue_s)
+        if request.inference_s is not None:
+            self.request_inference_time.labels(model_name).observe(request.inference_s)
 
 
 class ServingMetrics:
@@ -151,6 +268,8 @@ class ServingMetrics:
             f"{PREFIX}_admission_refusals", "Jobs refused with 429 because a pool was at capacity, by pool.",
             ("pool",), registry=reg,
         )
+
+        self.vllm = VllmRequestMetrics(reg)
 
     def observe_stage_timings(self, timings: StageTimings) -> None:
         """Records the per-request totals the pipeline reported on a request's last delta."""

@@ -497,6 +497,7 @@ def _metric_series_names() -> dict[str, set[str]]:
     return {
         family.name: {family.name + suffix for suffix in suffixes[family.type]}
         for family in ServingMetrics().registry.collect()
+        if family.name.startswith("dvd_")  # the vllm:* series are for vLLM's own dashboards
     }
 
 

@@ -654,6 +654,33 @@ async def test_metrics_exposition(client):
         assert f"# TYPE {name} " in text, name
 
 
+async def test_vllm_named_series_follow_vllm_names_labels_and_counts(client):
+    """vLLM's dashboards read `vllm:*` series labelled `model_name`; one request per stream mode, n=2 once."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    await client.post("/v1/chat/completions", json=chat_body(max_tokens=5))
+    await client.post("/v1/chat/completions", json=chat_body(stream=True))
+    samples = {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families((await client.get("/metrics")).text)
+        for sample in family.samples
+        if sample.name.startswith("vllm:")
+    }
+    model = (("model_name", MODEL),)
+    assert samples[("vllm:prompt_tokens_total", model)] == 2 * 530
+    assert samples[("vllm:generation_tokens_total", model)] == 2 * 3
+    assert samples[("vllm:request_success_total", (("finished_reason", "stop"), *model))] == 2
+    for histogram in (
+        "time_to_first_token_seconds", "e2e_request_latency_seconds", "request_time_per_output_token_seconds",
+        "request_prompt_tokens", "request_generation_tokens", "request_params_n", "request_queue_time_seconds",
+        "request_inference_time_seconds",
+    ):
+        assert samples[(f"vllm:{histogram}_count", model)] == 2, histogram
+    assert samples[("vllm:request_generation_tokens_sum", model)] == 6
+    assert samples[("vllm:request_params_max_tokens_count", model)] == 1  # the streamed request set no max_tokens
+    assert samples[("vllm:inter_token_latency_seconds_count", model)] == 2 * 2  # 3 tokens: 2 gaps each
+
+
 async def test_two_apps_in_one_process_keep_separate_metrics():
     first, second = ScriptedPipelineDouble(), ScriptedPipelineDouble()
     _app1, http1 = build(first)

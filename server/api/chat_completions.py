@@ -28,7 +28,7 @@ from dvd_serve.server.api.protocol import ChatCompletionRequest, ChatCompletionR
 from dvd_serve.server.api.request_guard import received_at
 from dvd_serve.server.api.sse import DONE_EVENT, EventStreamResponse, data_event
 from dvd_serve.server.api.state import GatewayState, gateway_state
-from dvd_serve.server.metrics import ServingMetrics
+from dvd_serve.server.metrics import FinishedRequest, ServingMetrics
 
 logger = logging.getLogger(__name__)
 
@@ -87,7 +87,9 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request) 
             include_usage = options is not None and options.include_usage
             continuous = include_usage and options.continuous_usage_stats
             chunks = ChunkFactory(request_id, state.pipeline.model_id, include_usage, continuous)
-            events = _stream_events((first, first_logprobs), deltas, chunks, result, state, started)
+            events = _stream_events(
+                (first, first_logprobs), deltas, chunks, result, state, started, job.sampling.max_tokens
+            )
             return EventStreamResponse(events, headers={**id_header, **timing_headers(first.timings)})
         await unless_disconnected(request.receive, _collect(deltas, result, state))
     except ClientDisconnected:
@@ -97,7 +99,7 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request) 
     except Exception:
         logger.exception("chat completion %s failed", request_id)
         return internal_error_response(headers=id_header)
-    _record_finished(state.metrics, result, started)
+    _record_finished(state.metrics, result, started, state.pipeline.model_id, job.sampling.max_tokens)
     response = completion_response(request_id, state.pipeline.model_id, int(time.time()), result)
     return JSONResponse(response.model_dump(mode="json"), headers={**id_header, **timing_headers(result.timings)})
 
@@ -133,6 +135,7 @@ async def _stream_events(
     result: CompletionAccumulator,
     state: GatewayState,
     started: float,
+    max_tokens: int | None,
 ) -> AsyncGenerator[bytes, None]:
     metrics = state.metrics
     try:
@@ -150,7 +153,7 @@ async def _stream_events(
             logprobs = result.add(delta, state.pipeline.token_text, time.perf_counter()) if delta else None
         if chunks.include_usage:
             yield data_event(chunks.usage(result.usage))
-        _record_finished(metrics, result, started)
+        _record_finished(metrics, result, started, state.pipeline.model_id, max_tokens)
         yield DONE_EVENT
     except ServingError as error:
         metrics.stream_aborts.labels(error.code).inc()
@@ -172,8 +175,23 @@ def _json(document: dict) -> str:
     return json.dumps(document, separators=(",", ":"))
 
 
-def _record_finished(metrics: ServingMetrics, result: CompletionAccumulator, started: float) -> None:
+def _record_finished(
+    metrics: ServingMetrics, result: CompletionAccumulator, started: float, model_name: str, max_tokens: int | None
+) -> None:
     finished = time.perf_counter()
+    metrics.vllm.observe(model_name, FinishedRequest(
+        e2e_s=finished - started,
+        ttft_s=None if result.first_content_at is None else result.first_content_at - started,
+        prompt_tokens=result.prompt_tokens,
+        generation_tokens=result.completion_tokens,
+        per_choice_generation_tokens=tuple(choice.tokens for choice in result.choices),
+        finish_reasons=tuple(choice.finish_reason for choice in result.choices if choice.finish_reason),
+        inter_token_s=tuple(result.inter_token_s),
+        n=result.n,
+        max_tokens=max_tokens,
+        queue_s=None if result.timings is None else result.timings.queue_s,
+        inference_s=None if result.timings is None else result.timings.inference_s,
+    ))
     metrics.e2e.observe(finished - started)
     metrics.prompt_tokens.inc(result.prompt_tokens)
     metrics.completion_tokens.inc(result.completion_tokens)

@@ -57,6 +57,7 @@ class ChoiceResult:
     logprobs: list[TokenLogprob] = field(default_factory=list)
     finish_reason: str | None = None
     tokens: int = 0
+    last_token_at: float | None = None
 
 
 @dataclass(slots=True)
@@ -71,6 +72,7 @@ class CompletionAccumulator:
     completion_tokens: int = 0  # summed over the choices, as vLLM reports it
     timings: StageTimings | None = None  # the latest the pipeline reported
     first_content_at: float | None = None
+    inter_token_s: list[float] = field(default_factory=list)  # per token after each choice's first: gap / tokens
 
     def __post_init__(self) -> None:
         self.choices = [ChoiceResult() for _ in range(self.n)]
@@ -89,6 +91,11 @@ class CompletionAccumulator:
         choice.text_pieces.append(delta.text)
         self.completion_tokens += len(delta.token_ids)
         choice.tokens += len(delta.token_ids)
+        if delta.token_ids:
+            if choice.last_token_at is not None:
+                per_token = (now - choice.last_token_at) / len(delta.token_ids)
+                self.inter_token_s.extend([per_token] * len(delta.token_ids))
+            choice.last_token_at = now
         choice.finish_reason = delta.finish_reason or choice.finish_reason
         if self.top_logprobs is None:
             return None
