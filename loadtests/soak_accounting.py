@@ -136,6 +136,11 @@ def error_causes(samples: Iterable[RequestSample]) -> dict[str, int]:
     return dict(sorted(causes.items(), key=lambda item: -item[1]))
 
 
+def failed_before_streaming(causes: Mapping[str, int]) -> int:
+    """Requests of `error_causes` answered with a 5xx status, i.e. before any byte of their stream was sent."""
+    return sum(count for cause, count in causes.items() if cause.startswith("http_5"))
+
+
 def _counts(accepted: int, tally: Mapping[Outcome, int]) -> OutcomeCounts:
     return OutcomeCounts(
         accepted=accepted,

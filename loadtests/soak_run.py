@@ -34,6 +34,7 @@ from dvd_serve.loadtests.soak_accounting import (
     OutcomeCounts,
     client_counts,
     error_causes,
+    failed_before_streaming,
     gateway_counts,
     identity_checks,
 )
@@ -217,9 +218,13 @@ def _soak(config: SoakConfig, base_url: str, processes: ServingProcesses, out: P
     checks = [*identity_checks(clients, gateway), in_flight_check(after),
               Check("ready after the load", recovered is not None,
                     f"/ready 200 after {recovered_after_s:.1f} s" if recovered is not None else "never")]
+    causes = error_causes(load.samples)
+    if config.url is None and config.language_replicas >= 2:  # a request not yet streaming is retried elsewhere
+        before_streaming = failed_before_streaming(causes)
+        checks.append(Check("no server error before streaming", before_streaming == 0,
+                            f"{before_streaming} request(s) got a 5xx before their stream started"))
     return SoakResult(config, load.steady, load.hang_ups, clients, gateway, checks, load.kills, usage_start, usage_end,
-                      pids_start, pids_end, recovered_after_s, time.monotonic() - started,
-                      error_causes(load.samples), load.notes)
+                      pids_start, pids_end, recovered_after_s, time.monotonic() - started, causes, load.notes)
 
 
 def _warm_up(config: SoakConfig, base_url: str, model: str, out: Path) -> None:

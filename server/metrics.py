@@ -8,7 +8,8 @@ Who records what:
   `encode_seconds`, `visual_tokens_per_image`, `router_compression_ratio`.
 - embedding sender (vision -> LM hop): `transfer_bytes`, `transfer_seconds`.
 - orchestration: `pool_in_flight` (jobs handed to each pool and not yet finished), `pool_admitted` (jobs holding a
-  place in each pool, waiting ones included) and `admission_refusals` (jobs refused with 429, by pool).
+  place in each pool, waiting ones included), `admission_refusals` (jobs refused with 429, by pool) and
+  `replica_retries` (jobs sent to another replica after theirs died before the first token).
 - `VllmRequestMetrics` (the gateway, for each finished request): the request-level series of vLLM's own server under
   vLLM's names, labels and buckets, so vLLM's Grafana dashboards and alerts work unchanged; see `docs/metrics.md`.
 
@@ -267,6 +268,13 @@ class ServingMetrics:
         self.admission_refusals = Counter(
             f"{PREFIX}_admission_refusals", "Jobs refused with 429 because a pool was at capacity, by pool.",
             ("pool",), registry=reg,
+        )
+
+        self.replica_retries = Counter(
+            f"{PREFIX}_replica_retries",
+            "Requests sent again to another replica after theirs died before the first token, by pool and reason "
+            "(the error code the dead replica's request got).",
+            ("pool", "reason"), registry=reg,
         )
 
         self.vllm = VllmRequestMetrics(reg)

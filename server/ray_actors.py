@@ -332,14 +332,17 @@ class ReplicaPool:
 
     def __init__(
         self, name: str, replicas: list[Replica], probe_timeout_s: float,
-        max_outstanding_per_replica: int | None = None,
+        max_outstanding_per_replica: int | None = None, replica_wait_s: float = 0.0,
     ) -> None:
         self.name = name
         self.replicas = replicas
         self._probe_timeout_s = probe_timeout_s
         self._max_outstanding_per_replica = max_outstanding_per_replica
+        self._replica_wait_s = replica_wait_s
         self._cursor = 0
         self.admitted = 0  # jobs admitted to this pool and not finished yet
+        self.waiting = 0  # jobs waiting for a replica of this pool to come back
+        self._replica_back = asyncio.Event()  # set (and replaced) each time a replica comes back
 
     @classmethod
     def launch(
@@ -351,7 +354,9 @@ class ReplicaPool:
             Replica(name=f"{name}[{index}]", index=index, handle=actor_class.options(**options).remote(config))
             for index in range(pool.replicas)
         ]
-        return cls(name, replicas, config.replica_probe_timeout_s, pool.max_outstanding_per_replica)
+        return cls(
+            name, replicas, config.replica_probe_timeout_s, pool.max_outstanding_per_replica, config.replica_wait_s
+        )
 
     async def wait_ready(self, report: Callable[[str], None]) -> None:
         """Returns once every replica has loaded its model; raises if one fails to."""
@@ -378,6 +383,34 @@ class ReplicaPool:
             raise OverloadedError(f"The {self.name} replicas are at capacity; retry later.", code="overloaded")
         self.admitted += 1
         return AdmissionPlace(self, on_release)
+
+    async def admit_waiting(self, on_release: Callable[[], None] | None = None) -> "AdmissionPlace":
+        """`admit`, except that while every replica is restarting the job waits (at most `replica_wait_s`) for one
+        to come back. As many jobs may wait as the live pool could hold; past that, or past the wait, 503."""
+        if not self.has_live_replica() and self._replica_wait_s > 0 and self._may_come_back():
+            bound = self._max_outstanding_per_replica
+            if bound is not None and self.waiting >= bound * len(self.replicas):
+                raise self._no_replica()
+            self.waiting += 1
+            try:
+                await self.wait_for_live_replica(self._replica_wait_s)
+            finally:
+                self.waiting -= 1
+        return self.admit(on_release)
+
+    async def wait_for_live_replica(self, timeout_s: float) -> bool:
+        """Waits until a replica is live (True), none can come back or `timeout_s` passed (False)."""
+        deadline = time.monotonic() + timeout_s
+        while not self.has_live_replica():
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or not self._may_come_back():
+                return False
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._replica_back.wait(), remaining)
+        return True
+
+    def _may_come_back(self) -> bool:
+        return any(replica.reviving is not None and not replica.reviving.done() for replica in self.replicas)
 
     def choose(self, exclude: frozenset[int] = frozenset()) -> Replica:
         """The live replica with the least outstanding work (ties rotate); UnavailableError if none is live."""
@@ -419,9 +452,15 @@ class ReplicaPool:
                     return
                 await asyncio.sleep(REVIVE_INTERVAL_S)  # its process is about to exit; Ray restarts it then
                 continue
-            replica.info, replica.alive = info, True
+            self.mark_live(replica, info)
             logger.info("%s is back", replica.name)
             return
+
+    def mark_live(self, replica: Replica, info: ReplicaInfo | None) -> None:
+        """`replica` answered `ready()` again: choose it, and wake the jobs waiting for a replica."""
+        replica.info, replica.alive = info, True
+        back, self._replica_back = self._replica_back, asyncio.Event()
+        back.set()
 
     async def readiness(self) -> bool:
         """Whether at least one replica answers `ready()` within the probe timeout."""

@@ -28,7 +28,7 @@ from ray.exceptions import RayActorError, RayError
 
 from dvd_serve.common.chat import ChatJob, ChatMessage, GenerationDelta, ImagePart, StageTimings
 from dvd_serve.common.checkpoint.spec import CheckpointSpec
-from dvd_serve.common.errors import OverloadedError, UnavailableError
+from dvd_serve.common.errors import OverloadedError, ServingError, UnavailableError
 from dvd_serve.lm_worker.engine import ENGINE_DEAD_CODE
 from dvd_serve.proto.status import SINK_UNAVAILABLE_CODE
 from dvd_serve.server.local_generation import vision_seconds
@@ -51,6 +51,8 @@ logger = logging.getLogger(__name__)
 # (the watchdog is about to end the process), or its embedding sink cannot be reached (Ray may already have
 # restarted it, with the sink on a new port that only `ready()` tells). Out of the choice until a probe answers.
 _REPLICA_GONE_CODES = frozenset({ENGINE_DEAD_CODE, SINK_UNAVAILABLE_CODE})
+# Times a request is sent to another language replica when its own dies before the first token.
+LANGUAGE_RETRIES = 1
 
 ACTOR_CLASSES = {"vision": VisionActor, "language": LanguageActor, "coupled": CoupledActor}
 STARTUP_REPORT_INTERVAL_S = 15.0
@@ -211,7 +213,7 @@ class RayPipeline:
     async def generate(self, job: ChatJob) -> AsyncIterator[GenerationDelta]:
         if self._draining:
             raise UnavailableError("The server is shutting down.", code="shutting_down")
-        places = self._admit(job)
+        places = await self._admit(job)
         self._in_flight += 1
         self._idle.clear()
         try:
@@ -225,7 +227,7 @@ class RayPipeline:
             if self._in_flight == 0:
                 self._idle.set()
 
-    def _admit(self, job: ChatJob) -> dict[str, AdmissionPlace]:
+    async def _admit(self, job: ChatJob) -> dict[str, AdmissionPlace]:
         """A place in every pool `job` needs, or the first refusal (then no place is kept)."""
         if self.config.topology == "coupled":
             names = ["coupled"]
@@ -234,19 +236,19 @@ class RayPipeline:
         places: dict[str, AdmissionPlace] = {}
         try:
             for name in names:
-                places[name] = self._admit_to(name)
+                places[name] = await self._admit_to(name)
         except BaseException:
             for place in places.values():
                 place.release()
             raise
         return places
 
-    def _admit_to(self, name: str) -> AdmissionPlace:
+    async def _admit_to(self, name: str) -> AdmissionPlace:
         metrics = self._metrics
         if metrics is None:
-            return self.pools[name].admit()
+            return await self.pools[name].admit_waiting()
         try:
-            place = self.pools[name].admit(on_release=metrics.pool_admitted.labels(name).dec)
+            place = await self.pools[name].admit_waiting(on_release=metrics.pool_admitted.labels(name).dec)
         except OverloadedError:
             metrics.admission_refusals.labels(name).inc()
             raise
@@ -254,9 +256,39 @@ class RayPipeline:
         return place
 
     async def _answer(self, job: ChatJob, vision_place: AdmissionPlace | None) -> AsyncIterator[GenerationDelta]:
-        coupled = self.config.topology == "coupled"
-        pool = self.pools["coupled" if coupled else "language"]
+        """The job's deltas from one language replica; if that replica dies before the first delta (nothing has
+        reached the client yet), once more from another live one (or the same one, restarted), its vision work
+        and embedding push included."""
+        pool = self.pools["coupled" if self.config.topology == "coupled" else "language"]
+        deadline = None if job.deadline_s is None else time.monotonic() + job.deadline_s
         replica = pool.choose()
+        for attempt in range(1 + LANGUAGE_RETRIES):
+            streamed = False
+            try:
+                async with contextlib.aclosing(self._answer_on(job, pool, replica, vision_place)) as deltas:
+                    async for delta in deltas:
+                        streamed = True
+                        yield delta
+                return
+            except ServingError as error:
+                if streamed or replica.alive or attempt == LANGUAGE_RETRIES:
+                    raise
+                reason = error.code
+            wait_s = self.config.replica_wait_s
+            if deadline is not None:
+                wait_s = max(min(wait_s, deadline - time.monotonic()), 0.0)
+            await pool.wait_for_live_replica(wait_s)
+            failed, replica = replica, pool.choose()  # 503 when none came back in time
+            vision_place = None  # its vision place was given back when its first vision work ended
+            logger.warning("%s failed before the first token of %s (%s); retrying on %s", failed.name,
+                           job.request_id, reason, replica.name)
+            if self._metrics is not None:
+                self._metrics.replica_retries.labels(pool.name, reason).inc()
+
+    async def _answer_on(
+        self, job: ChatJob, pool: ReplicaPool, replica: Replica, vision_place: AdmissionPlace | None
+    ) -> AsyncIterator[GenerationDelta]:
+        coupled = pool.name == "coupled"
         stream = vision_task = None
         finished = False
         with self._tracked(pool, replica):
@@ -339,6 +371,8 @@ class RayPipeline:
                         raise to_serving_error(error, pool.name) from None
                     logger.warning("%s died during %s; retrying on another vision replica", replica.name,
                                    job.request_id)
+                    if self._metrics is not None:
+                        self._metrics.replica_retries.labels(pool.name, "replica_died").inc()
                     continue
                 except RayError as error:
                     raise to_serving_error(error, pool.name) from None

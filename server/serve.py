@@ -73,6 +73,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     parser.add_argument("--startup-timeout", type=float, default=900.0, help="seconds to load every replica")
     parser.add_argument("--drain-timeout", type=float, default=30.0,
                         help="seconds running requests may take to finish on shutdown (default: 30)")
+    parser.add_argument("--replica-wait", type=float, metavar="SECONDS",
+                        help="how long a request waits for a pool whose replicas are all restarting, or for another "
+                        "language replica when its own died before the first token, before 503 + Retry-After; "
+                        "0 = refuse at once (default: 30)")
     parser.add_argument("--log-level", choices=("debug", "info", "warning", "error"), default="info")
     parser.set_defaults(run=run)
     return parser
@@ -131,6 +135,7 @@ def config_from_args(args: argparse.Namespace):
         "embedded_num_cpus": args.num_cpus,
         "startup_timeout_s": args.startup_timeout,
         "drain_timeout_s": args.drain_timeout,
+        **_given({"replica_wait_s": args.replica_wait}),
     }
     return ServeConfig.model_validate(document)
 

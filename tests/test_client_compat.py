@@ -191,3 +191,34 @@ def test_streamed_choices_carry_their_index_and_usage_is_summed(server_pair):
         totals.append((indices, usage.completion_tokens, usage.prompt_tokens))
     assert totals[0] == totals[1] == ({0, 1}, 2 * MAX_TOKENS, totals[1][2])
 
+
+
+def _vllm_families(client: openai.OpenAI) -> dict[str, tuple[str, frozenset[str], tuple[float, ...]]]:
+    """name -> (type, label names, histogram bucket bounds) of every `vllm:*` family a server's /metrics has."""
+    import httpx
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = httpx.get(str(client.base_url).removesuffix("/").removesuffix("/v1") + "/metrics", timeout=30).text
+    families = {}
+    for family in text_string_to_metric_families(text):
+        if not family.name.startswith("vllm:"):
+            continue
+        labels = frozenset(key for sample in family.samples for key in sample.labels if key != "le")
+        bounds = tuple(sorted({float(s.labels["le"]) for s in family.samples if s.name.endswith("_bucket")}))
+        families[family.name] = (family.type, labels, bounds)
+    return families
+
+
+def test_vllm_named_metrics_mean_what_vllms_server_exports(server_pair):
+    """Every `vllm:*` series dvd-serve exports exists on vLLM's own server with the same type, a subset of its
+    labels and, for the latency histograms, the same buckets; after the same requests both have counted them."""
+    _same(server_pair, [{"role": "user", "content": "Count this request."}])
+    ours, reference = (_vllm_families(client) for client in server_pair)
+    assert {"vllm:time_to_first_token_seconds", "vllm:e2e_request_latency_seconds", "vllm:prompt_tokens",
+            "vllm:generation_tokens", "vllm:request_success"} <= ours.keys()
+    for name, (kind, labels, bounds) in ours.items():
+        assert name in reference, name
+        reference_kind, reference_labels, reference_bounds = reference[name]
+        assert kind == reference_kind and labels <= reference_labels, name
+        if name.endswith("_seconds"):
+            assert bounds == reference_bounds, name

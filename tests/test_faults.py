@@ -14,14 +14,10 @@ import json
 import os
 import signal
 import time
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 
-import httpx
 import psutil
 import pytest
 import pytest_asyncio
-from prometheus_client.parser import text_string_to_metric_families
 
 from dvd_serve.common.errors import OverloadedError, UnavailableError
 from dvd_serve.server.gateway_config import GatewayConfig
@@ -35,6 +31,7 @@ from tests.dvd_fixtures import (  # noqa: F401 (local_ray is a fixture)
     ray_test_config,
     synthetic_image,
 )
+from tests.fault_helpers import Served, completion_tokens, eventually, image_chat, served_gateway
 
 MAX_TOKENS = 4
 LONG_STREAM_TOKENS = 3700  # with a one-tile image this nearly fills the 4096-token context
@@ -48,11 +45,13 @@ RESTART_BOUND_S = 180.0  # a killed replica must be serving again within this
 # --- units: admission without Ray --------------------------------------------------------------------------------
 
 
-def _pool(alive: list[bool], bound: int | None):
+def _pool(alive: list[bool], bound: int | None, replica_wait_s: float = 0.0):
     from dvd_serve.server.ray_actors import Replica, ReplicaPool
 
     replicas = [Replica(name=f"vision[{i}]", index=i, handle=None, alive=up) for i, up in enumerate(alive)]
-    return ReplicaPool("vision", replicas, probe_timeout_s=1.0, max_outstanding_per_replica=bound)
+    return ReplicaPool(
+        "vision", replicas, probe_timeout_s=1.0, max_outstanding_per_replica=bound, replica_wait_s=replica_wait_s
+    )
 
 
 def test_admission_bound_scales_with_live_replicas_and_places_come_back():
@@ -83,44 +82,31 @@ def test_admission_without_a_live_replica_is_503_and_without_a_bound_never_429()
     assert unbounded.admitted == 1000
 
 
+@pytest.mark.asyncio
+async def test_admission_waits_for_a_restarting_replica_within_the_wait_and_the_bound():
+    pool = _pool([False], bound=1, replica_wait_s=0.3)
+    with pytest.raises(UnavailableError):
+        await pool.admit_waiting()  # nothing is restarting: nothing to wait for
+    restarting = pool.replicas[0].reviving = asyncio.ensure_future(asyncio.sleep(60))
+    try:
+        started = time.monotonic()
+        with pytest.raises(UnavailableError) as refused:
+            await pool.admit_waiting()
+        assert 0.3 <= time.monotonic() - started < 2.0 and refused.value.http_status == 503
+        waiter = asyncio.ensure_future(pool.admit_waiting())
+        await asyncio.sleep(0.05)
+        assert pool.waiting == 1
+        with pytest.raises(UnavailableError):
+            await pool.admit_waiting()  # as many may wait as one live replica could hold: 1
+        pool.mark_live(pool.replicas[0], None)
+        place = await asyncio.wait_for(waiter, 1.0)
+        assert (pool.admitted, pool.waiting) == (1, 0)
+        place.release()
+    finally:
+        restarting.cancel()
+
+
 # --- a gateway over a local Ray ----------------------------------------------------------------------------------
-
-
-@dataclass
-class Served:
-    pipeline: object
-    client: httpx.AsyncClient
-    origin: ImageOrigin
-
-    @property
-    def vision(self):
-        return self.pipeline.pools["vision"]
-
-    @property
-    def language(self):
-        return self.pipeline.pools["language"]
-
-    async def metric(self, name: str, **labels: str) -> float:
-        response = await self.client.get("/metrics")
-        for family in text_string_to_metric_families(response.text):
-            for sample in family.samples:
-                if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
-                    return sample.value
-        return 0.0
-
-    async def gauges(self) -> dict[str, float]:
-        return {
-            f"{gauge}[{pool}]": await self.metric(f"dvd_pool_{gauge}_jobs", pool=pool)
-            for gauge in ("in_flight", "admitted") for pool in ("vision", "language")
-        }
-
-    async def actor_work(self) -> dict[str, int]:
-        """What every replica reports it is working on, and the language engine's own request count."""
-        replicas = [*self.vision.replicas, *self.language.replicas]
-        counts = await asyncio.gather(*(replica.handle.outstanding.remote() for replica in replicas))
-        work = {replica.name: count for replica, count in zip(replicas, counts, strict=True)}
-        work["engine"] = await self.language.replicas[0].handle.engine_requests.remote()
-        return work
 
 
 @pytest.fixture(scope="module")
@@ -131,83 +117,40 @@ def origin():
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def served(local_ray, tiny_flash_checkpoint, origin):
-    import uvicorn
-
-    from dvd_serve.server.api.app import create_app
-    from dvd_serve.server.metrics import ServingMetrics
-    from dvd_serve.server.ray_pipeline import RayPipeline
-
     gateway = GatewayConfig(
         host="127.0.0.1", port=free_port(), max_tiles_per_image=TILE_CAP, retry_after_s=RETRY_AFTER_S
     )
     config = ray_test_config(
         tiny_flash_checkpoint, vision_pool={"max_outstanding_per_replica": 1},
         image_fetch=UrlFetchConfig(allow_private_networks=True), gateway=gateway,
+        replica_wait_s=0,  # a pool without a live replica refuses at once (waiting: test_language_retry)
     )
-    metrics = ServingMetrics()
-    pipeline = await RayPipeline.start(config, lambda line: None, metrics=metrics)
-    server = uvicorn.Server(uvicorn.Config(
-        create_app(pipeline, gateway, metrics), host=gateway.host, port=gateway.port, lifespan="off",
-        log_level="warning",
-    ))
-    serving = asyncio.create_task(server.serve())
-    while not server.started:
-        await asyncio.sleep(0.05)
-    client = httpx.AsyncClient(base_url=f"http://{gateway.host}:{gateway.port}", timeout=120)
-    try:
-        yield Served(pipeline, client, origin)
-    finally:
-        origin.release()
-        await client.aclose()
-        server.should_exit = True
-        await serving
-        await pipeline.shutdown()
+    async with served_gateway(config, origin) as served:
+        yield served
 
 
 def _chat(image_urls: list[str], max_tokens: int = MAX_TOKENS, stream: bool = False) -> dict:
-    content = [{"type": "image_url", "image_url": {"url": url, "detail": "high"}} for url in image_urls]
-    return {
-        "model": "tiny-flash",
-        "messages": [{"role": "user", "content": [*content, {"type": "text", "text": "Describe it."}]}],
-        "max_tokens": max_tokens,
-        "temperature": 0.0,
-        "ignore_eos": True,
-        "stream": stream,
-    }
+    return image_chat(image_urls, max_tokens, stream)
 
 
 def _held(served: Served) -> str:
     return served.origin.base_url + "/held/square.png"
 
 
-async def _eventually(condition: Callable[[], Awaitable[bool]], timeout_s: float, interval_s: float = 0.1) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while not await condition():
-        if time.monotonic() > deadline:
-            return False
-        await asyncio.sleep(interval_s)
-    return True
-
-
 async def _fetches_reach(served: Served, count: int) -> None:
     async def reached() -> bool:
         return served.origin.held_fetches >= count
 
-    assert await _eventually(reached, FAULT_BOUND_S), f"only {served.origin.held_fetches} fetches arrived"
+    assert await eventually(reached, FAULT_BOUND_S), f"only {served.origin.held_fetches} fetches arrived"
 
 
 async def _all_work_done(served: Served) -> None:
     async def idle() -> bool:
         return not any((await served.gauges()).values()) and not any((await served.actor_work()).values())
 
-    if not await _eventually(idle, FAULT_BOUND_S):
+    if not await eventually(idle, FAULT_BOUND_S):
         pytest.fail(f"work left behind: {await served.gauges()} {await served.actor_work()}")
     assert (served.vision.admitted, served.language.admitted, served.pipeline.in_flight) == (0, 0, 0)
-
-
-def _completion_tokens(response: httpx.Response) -> int:
-    assert response.status_code == 200, response.text
-    return response.json()["usage"]["completion_tokens"]
 
 
 @pytest.mark.slow
@@ -215,7 +158,7 @@ def _completion_tokens(response: httpx.Response) -> int:
 async def test_images_are_cut_into_at_most_the_configured_tiles(served):
     big = data_url(synthetic_image(1792, 1344, seed=22))  # 12 tiles + thumbnail without the cap
     response = await served.client.post("/v1/chat/completions", json=_chat([big]))
-    assert _completion_tokens(response) == MAX_TOKENS
+    assert completion_tokens(response) == MAX_TOKENS
     assert 256 < int(response.headers["x-dvd-visual-tokens"]) <= 256 * (TILE_CAP + 1)
 
 
@@ -245,11 +188,11 @@ async def test_an_overload_burst_gets_429_before_any_image_is_fetched_or_decoded
 
     served.origin.release()
     for response in await asyncio.gather(*admitted):
-        assert _completion_tokens(response) == MAX_TOKENS
+        assert completion_tokens(response) == MAX_TOKENS
     assert await served.metric("dvd_image_fetch_decode_seconds_count") == decoded_before + 2
     await _all_work_done(served)
     follow_up = await served.client.post("/v1/chat/completions", json=_chat([data_url(synthetic_image(448, 448, 1))]))
-    assert _completion_tokens(follow_up) == MAX_TOKENS
+    assert completion_tokens(follow_up) == MAX_TOKENS
 
 
 @pytest.mark.slow
@@ -264,7 +207,7 @@ async def test_a_client_gone_during_vision_work_aborts_the_image_fetch(served):
     async def fetch_abandoned() -> bool:
         return served.origin.abandoned > abandoned_before
 
-    assert await _eventually(fetch_abandoned, ABORT_BOUND_S), "the vision worker kept fetching for a gone client"
+    assert await eventually(fetch_abandoned, ABORT_BOUND_S), "the vision worker kept fetching for a gone client"
     await _all_work_done(served)
     served.origin.release()
 
@@ -302,14 +245,14 @@ async def test_a_vision_worker_killed_mid_request_is_retried_elsewhere_and_resta
     served.origin.release()
 
     response = await asyncio.wait_for(request, FAULT_BOUND_S)
-    assert _completion_tokens(response) == MAX_TOKENS  # answered by the other replica
+    assert completion_tokens(response) == MAX_TOKENS  # answered by the other replica
     assert time.monotonic() - killed_at < FAULT_BOUND_S
     assert served.origin.held_fetches == fetches_before + 2  # fetched again by the replica that took over
 
     async def restarted() -> bool:
         return victim.alive and victim.info.pid != killed_pid
 
-    assert await _eventually(restarted, RESTART_BOUND_S, interval_s=0.5), "the killed vision replica never came back"
+    assert await eventually(restarted, RESTART_BOUND_S, interval_s=0.5), "the killed vision replica never came back"
 
     # Two requests at once fill both replicas (one place each): the restarted one takes work again.
     served.origin.hold()
@@ -321,7 +264,7 @@ async def test_a_vision_worker_killed_mid_request_is_retried_elsewhere_and_resta
     assert [replica.outstanding for replica in served.vision.replicas] == [1, 1]
     served.origin.release()
     for response in await asyncio.gather(*both):
-        assert _completion_tokens(response) == MAX_TOKENS
+        assert completion_tokens(response) == MAX_TOKENS
     await _all_work_done(served)
 
 
@@ -361,11 +304,11 @@ async def test_a_dead_language_engine_ends_streams_with_an_error_and_its_replica
     async def ready_again() -> bool:
         return (await served.client.get("/ready")).status_code == 200
 
-    assert await _eventually(ready_again, RESTART_BOUND_S, interval_s=1.0), "the language replica never came back"
+    assert await eventually(ready_again, RESTART_BOUND_S, interval_s=1.0), "the language replica never came back"
     assert replica.info.pid != old_pid
     assert not psutil.pid_exists(old_pid) and not psutil.pid_exists(core.pid)  # nothing of the old replica is left
     response = await served.client.post("/v1/chat/completions", json=_chat([data_url(synthetic_image(448, 448, 2))]))
-    assert _completion_tokens(response) == MAX_TOKENS
+    assert completion_tokens(response) == MAX_TOKENS
     await _all_work_done(served)
 
 
@@ -388,10 +331,10 @@ async def test_a_language_worker_killed_while_idle_is_found_at_its_new_address(s
         if response.status_code != 200:
             assert response.status_code == 503, response.text
             return False
-        assert _completion_tokens(response) == MAX_TOKENS
+        assert completion_tokens(response) == MAX_TOKENS
         return True
 
-    assert await _eventually(image_request_succeeds, RESTART_BOUND_S, interval_s=1.0), statuses
+    assert await eventually(image_request_succeeds, RESTART_BOUND_S, interval_s=1.0), statuses
     assert time.monotonic() - killed_at < RESTART_BOUND_S
     assert replica.info.pid != old_pid and replica.info.grpc_address != old_address
     await _all_work_done(served)

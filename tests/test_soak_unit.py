@@ -20,6 +20,7 @@ from dvd_serve.loadtests.soak_accounting import (
     client_counts,
     differing_fields,
     error_causes,
+    failed_before_streaming,
     exit_status,
     gateway_counts,
     identity_checks,
@@ -113,6 +114,7 @@ def test_error_causes_name_the_error_code_of_failed_requests():
                _sample("stream_error", "A vision replica stopped."), _sample("http_503", body[:40])]
     assert error_causes(samples) == {"http_503 no_replica_available": 2, "stream_error A vision replica stopped.": 1,
                                      'http_503 {"error":{"message":"No language replica': 1}
+    assert failed_before_streaming(error_causes(samples)) == 3  # the 5xx answers; the stream error had started
 
 
 # ---- /metrics ----
