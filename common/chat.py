@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from enum import Enum
+from typing import Any
 
 from pydantic import Field
 
@@ -83,6 +84,16 @@ class SamplingConfig(FrozenConfig):
     skip_special_tokens: bool = Field(default=True, description="Leave special tokens out of the text.")
     spaces_between_special_tokens: bool = Field(
         default=True, description="Put spaces between special tokens in the text."
+    )
+    response_format: dict[str, Any] | None = Field(
+        default=None,
+        description="OpenAI's `response_format` as the client sent it (text, json_object, json_schema, or vLLM's "
+        "structural_tag); vLLM's structured-output backend in the language engine enforces it.",
+    )
+    structured_outputs: dict[str, Any] | None = Field(
+        default=None,
+        description="vLLM's `structured_outputs` as the client sent it (one of json, regex, choice, grammar, "
+        "json_object, structural_tag, with their options).",
     )
 
 

@@ -28,6 +28,9 @@ logger = logging.getLogger(__name__)
 ENGINE_DEAD_CODE = "engine_dead"  # error code of every stream the engine was serving when it died
 
 
+MAX_ENGINE_ERROR_CHARS = 300  # of vLLM's own words on an invalid constraint, quoted in the 400
+
+
 def engine_dead_error() -> UnavailableError:
     return UnavailableError("The language engine stopped.", code=ENGINE_DEAD_CODE)
 
@@ -171,6 +174,12 @@ class LanguageEngine:
         except (ValueError, _vllm_client_error()) as error:
             # A backstop: what vLLM itself refuses (its validation errors are not all ValueErrors).
             logger.info("request %s rejected by the engine: %s", request_id, error)
+            if params.structured_outputs is not None:  # vLLM's backend refused the grammar, schema or regex
+                raise InvalidRequestError(
+                    f"The structured-output constraint is invalid: {str(error)[:MAX_ENGINE_ERROR_CHARS]}",
+                    code="invalid_structured_output",
+                    param="structured_outputs" if sampling.structured_outputs is not None else "response_format",
+                ) from error
             raise InvalidRequestError(
                 "The request does not fit the model (context length or image placeholders).",
                 code="engine_rejected_prompt",
@@ -266,10 +275,16 @@ def _from_vllm_validation(error) -> InvalidRequestError:
 
 
 def _validated(build):
+    from pydantic import ValidationError
+
     try:
         return build()
     except _vllm_validation_error() as error:
         raise _from_vllm_validation(error) from error
+    except ValidationError as error:  # vLLM's request model refused a field's shape (e.g. `structured_outputs`)
+        first = error.errors()[0]
+        param = ".".join(str(part) for part in first["loc"]) or None
+        raise InvalidRequestError(f"Invalid '{param}': {first['msg']}.", code="invalid_value", param=param) from None
 
 
 def to_vllm_sampling_params(config: SamplingConfig, max_tokens: int, defaults: dict | None = None):
@@ -302,6 +317,8 @@ def to_vllm_sampling_params(config: SamplingConfig, max_tokens: int, defaults: d
         ignore_eos=config.ignore_eos,
         skip_special_tokens=config.skip_special_tokens,
         spaces_between_special_tokens=config.spaces_between_special_tokens,
+        response_format=config.response_format,
+        structured_outputs=config.structured_outputs,
     )
     return request.to_sampling_params(max_tokens, defaults or {})
 

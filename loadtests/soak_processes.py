@@ -78,6 +78,18 @@ class ServingProcesses:
     def usage(self) -> dict[str, GroupUsage]:
         return {name: GroupUsage.of(processes) for name, processes in self.groups().items()}
 
+    def actor_split_usage(self) -> dict[str, GroupUsage]:
+        """Each actor group split in two: `<role>/actor` (the actor processes) and `<role>/children` (what they
+        started, e.g. vLLM's engine core), to tell which process a group's growth is in."""
+        split: dict[str, GroupUsage] = {}
+        for role, processes in self.groups().items():
+            if role not in ACTOR_CLASSES:
+                continue
+            actors = [process for process in processes if _role(process) == role]
+            children = [process for process in processes if _role(process) != role]
+            split[f"{role}/actor"], split[f"{role}/children"] = GroupUsage.of(actors), GroupUsage.of(children)
+        return split
+
     def actor_pids(self) -> dict[str, list[int]]:
         """Per role, the pids of its actor processes (not their children), ascending."""
         groups = self.groups()

@@ -351,7 +351,8 @@ def _settled_scrape(base_url: str, api_key: str | None, timeout_s: float) -> Gat
 
 
 class _ResourceSampler:
-    """Every `interval_s`, one row per process group (seconds since start, processes, RSS, fds, threads)."""
+    """Every `interval_s`, one row per process group and per half of each actor group (seconds since start,
+    processes, RSS, fds, threads)."""
 
     def __init__(self, processes: ServingProcesses, interval_s: float) -> None:
         self.rows: list[dict] = []
@@ -365,7 +366,7 @@ class _ResourceSampler:
     def _run(self) -> None:
         while True:
             at_s = round(time.monotonic() - self._started, 1)
-            for group, usage in self._processes.usage().items():
+            for group, usage in {**self._processes.usage(), **self._processes.actor_split_usage()}.items():
                 self.rows.append({"at_s": at_s, "group": group, "processes": usage.processes,
                                   "rss_mib": round(usage.rss_mib, 1), "open_fds": usage.open_fds,
                                   "threads": usage.threads})

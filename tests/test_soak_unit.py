@@ -233,6 +233,9 @@ def test_serving_processes_group_actors_with_their_children(titled_children):
     assert processes.actor_pids() == {"vision": [actor.pid], "language": [], "coupled": []}
     usage = processes.usage()["vision"]
     assert usage.processes == 2 and usage.rss_mib > 0 and usage.open_fds >= 3 and usage.threads >= 2
+    split = processes.actor_split_usage()
+    assert (split["vision/actor"].processes, split["vision/children"].processes) == (1, 1)
+    assert split["language/actor"].processes == split["language/children"].processes == 0
 
 
 class _FixedActors:

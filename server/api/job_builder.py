@@ -47,8 +47,6 @@ REFUSED_FEATURES: Mapping[str, tuple[Callable[[Any], bool], str]] = {
     "functions": (_unset, _NO_TOOLS),
     "tool_choice": (_only("none", "auto"), _NO_TOOLS),  # without tools both mean a plain text answer
     "function_call": (_only("none", "auto"), _NO_TOOLS),
-    "response_format": (lambda value: value == {"type": "text"}, "structured output is not supported"),
-    "structured_outputs": (_unset, "structured output is not supported"),
     "modalities": (lambda value: value == ["text"], "only text output is supported"),
     "reasoning_effort": (lambda value: False, "reasoning controls are not supported"),
     "thinking_token_budget": (_unset, "reasoning controls are not supported"),
@@ -78,6 +76,8 @@ REFUSED_FEATURES: Mapping[str, tuple[Callable[[Any], bool], str]] = {
     "repetition_detection": (_unset, "repetition detection is not supported"),
     "stream_interval": (_only(1), "chunks are streamed as soon as tokens are ready"),
 }
+# `response_format.type` values: OpenAI's, and vLLM's structural tags.
+RESPONSE_FORMAT_TYPES = ("text", "json_object", "json_schema", "structural_tag")
 # `mm_processor_kwargs` keys that are honoured (InternVL's processor option, as the per-request tile cap).
 MM_PROCESSOR_KWARGS = ("max_dynamic_patch",)
 # Roles whose messages may carry no `content` (OpenAI allows it for assistant messages with tool calls).
@@ -209,7 +209,22 @@ def build_sampling(request: ChatCompletionRequest, config: GatewayConfig, max_mo
         ignore_eos=request.ignore_eos,
         skip_special_tokens=request.skip_special_tokens,
         spaces_between_special_tokens=request.spaces_between_special_tokens,
+        response_format=_response_format(request.response_format),
+        structured_outputs=request.structured_outputs,
     )
+
+
+def _response_format(response_format: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The client's `response_format`, shape-checked here; vLLM checks the rest (schemas, structural tags)."""
+    if response_format is None:
+        return None
+    kind = response_format.get("type")
+    if kind not in RESPONSE_FORMAT_TYPES:
+        raise _invalid(f"'response_format.type' must be one of {', '.join(RESPONSE_FORMAT_TYPES)}.",
+                       "response_format.type")
+    if kind == "json_schema" and not isinstance(response_format.get("json_schema"), dict):
+        raise _invalid("A 'json_schema' response format needs a 'json_schema' object.", "response_format.json_schema")
+    return None if kind == "text" else response_format
 
 
 def _logit_bias(bias: dict[str, float] | None) -> dict[int, float] | None:

@@ -251,7 +251,9 @@ class ChatCompletionRequest(RequestModel):
     vllm_xargs: Any = None
     repetition_detection: Any = None
     stream_interval: Any = None
-    structured_outputs: Any = None
+    structured_outputs: dict[str, Any] | None = Field(
+        default=None, description="vLLM: one constraint (json, regex, choice, grammar, ...) the output must meet."
+    )
     thinking_token_budget: Any = None
     include_reasoning: Any = None
 
