@@ -76,7 +76,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     parser.add_argument("--replica-wait", type=float, metavar="SECONDS",
                         help="how long a request waits for a pool whose replicas are all restarting, or for another "
                         "language replica when its own died before the first token, before 503 + Retry-After; "
-                        "0 = refuse at once (default: 30)")
+                        "0 = refuse at once (default: 120)")
     parser.add_argument("--log-level", choices=("debug", "info", "warning", "error"), default="info")
     parser.set_defaults(run=run)
     return parser

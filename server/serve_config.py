@@ -146,10 +146,11 @@ class ServeConfig(FrozenConfig):
         default=30.0, ge=0, description="On SIGTERM/SIGINT, how long in-flight requests may run before exit."
     )
     replica_wait_s: float = Field(
-        default=30.0, ge=0,
-        description="How long a request waits for a pool whose replicas are all restarting (a language replica "
-        "reloads in tens of seconds) before it gets 503 with Retry-After; also how long a request whose language "
-        "replica died before its first token waits for another one. 0 = no waiting.",
+        default=120.0, ge=0,
+        description="How long a request waits for a pool whose replicas are all restarting before it gets 503 with "
+        "Retry-After; also how long a request whose language replica died before its first token waits for "
+        "another one. Size it to a replica's reload time (tiny model on 2 CPU cores: 13-21 s for one language "
+        "replica, about 50 s for two at once). 0 = no waiting.",
     )
     replica_probe_timeout_s: float = Field(
         default=2.0, gt=0, description="How long a readiness probe waits for one replica's answer."

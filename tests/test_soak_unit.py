@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from dvd_serve.loadtests.metrics import RequestSample
+from dvd_serve.loadtests.metrics import RequestSample, write_rows_csv
 from dvd_serve.loadtests.soak_accounting import (
     STREAM_CUT_ERROR,
     Outcome,
@@ -283,3 +283,18 @@ def test_report_renders_the_identity_and_resources():
     headline = json.loads(json.dumps(headline_json(result)))
     assert headline["exit_code"] == 0 and headline["soak"]["kills"] == 1 and headline["soak"]["balanced"]
     assert headline["soak"]["usage"]["vision"]["end"]["rss_mib"] == 950.5
+
+
+def test_memory_curve_cuts_windows_and_shows_the_growth(tmp_path):
+    from dvd_serve.loadtests.memory_curve import main, read_curves, table, windows
+
+    rows = [{"at_s": at, "group": group, "processes": 1, "rss_mib": base + slope * at, "open_fds": 3, "threads": 1}
+            for at in range(0, 600, 10) for group, base, slope in (("gateway", 400.0, 0.0), ("language", 3000.0, 0.1))]
+    rows.append({"at_s": 0, "group": "coupled", "processes": 0, "rss_mib": 0.0, "open_fds": 0, "threads": 0})
+    write_rows_csv(rows, tmp_path / "resources.csv")
+    curves = read_curves(tmp_path / "resources.csv")
+    assert set(curves) == {"gateway", "language"}  # empty groups are left out
+    cut = windows(curves["language"], 300)
+    assert [(w.start_s, round(w.start_mib), round(w.growth_mib, 1)) for w in cut] == [(0, 3000, 29.0), (300, 3030, 29.0)]
+    assert table(curves, 300)[2] == "| 0-5 min | 400 (+0.0) | 3000 (+29.0) |"
+    assert main([str(tmp_path)]) == 0 and (tmp_path / "rss.png").stat().st_size > 0
