@@ -2,9 +2,10 @@
 
     python -m dvd_serve.loadtests.memory_curve RESULTS_DIR [--window 300]
 
-Prints, for each group, the RSS at the start of every window and the growth within it (MiB), then the overall
-slope of the first and of the last window: a group whose growth slows to ~0 levels off; one whose last window grows
-as fast as its first does not. Writes `RESULTS_DIR/rss.png`.
+Prints, for each group, the RSS at the start of every window and the growth within it (MiB): a group whose growth
+slows to ~0 levels off; one whose last window grows as fast as its first does not. Then, from the replicas' own
+samples (`RESULTS_DIR/memory/`), the same per replica for RSS, malloc and Python small objects, which says whether
+growth is Python objects, native allocations or memory malloc holds free. Writes `RESULTS_DIR/rss.png`.
 """
 
 from __future__ import annotations
@@ -58,6 +59,35 @@ def table(curves: dict[str, list[tuple[float, float]]], window_s: float) -> list
     return lines
 
 
+REPLICA_COLUMNS = ("rss_mib", "malloc_in_use_mib", "malloc_free_mib", "pymalloc_blocks", "children_rss_mib")
+
+
+def replica_memory_table(folder: Path, window_s: float) -> list[str]:
+    """From the replicas' own samples (`memory-<role>-<pid>.csv`): per replica and window, where memory went."""
+    lines = ["| replica | window | " + " | ".join(REPLICA_COLUMNS) + " |", "|---|---|" + "---|" * len(REPLICA_COLUMNS)]
+    for path in sorted(folder.glob("memory-*.csv")):
+        with path.open(encoding="utf-8") as rows:
+            samples = [row for row in csv.DictReader(rows)]
+        if not samples:
+            continue
+        started = float(samples[0]["unix_s"])
+        cut: dict[int, list[dict]] = defaultdict(list)
+        for sample in samples:
+            cut[int((float(sample["unix_s"]) - started) // window_s)].append(sample)
+        for index, points in sorted(cut.items()):
+            cells = []
+            for column in REPLICA_COLUMNS:
+                if points[0][column] in ("", "None"):
+                    cells.append("-")
+                    continue
+                first, last = float(points[0][column]), float(points[-1][column])
+                cells.append(f"{first:.0f} ({last - first:+.0f})" if column == "pymalloc_blocks"
+                             else f"{first:.1f} ({last - first:+.1f})")
+            lines.append(f"| {path.stem.removeprefix('memory-')} | {index * window_s / 60:.0f}-"
+                         f"{(index + 1) * window_s / 60:.0f} min | " + " | ".join(cells) + " |")
+    return lines
+
+
 def plot(curves: dict[str, list[tuple[float, float]]], path: Path) -> Path:
     import matplotlib
 
@@ -87,6 +117,9 @@ def main(argv: list[str] | None = None) -> int:
     curves = read_curves(args.results / "resources.csv")
     print("RSS MiB at the start of each window (growth within it)")
     print("\n".join(table(curves, args.window)))
+    if (args.results / "memory").is_dir():
+        print("\nEach replica's own view: value at the start of each window (change within it)")
+        print("\n".join(replica_memory_table(args.results / "memory", args.window)))
     print(f"plot: {plot(curves, args.results / 'rss.png')}")
     return 0
 

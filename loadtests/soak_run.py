@@ -5,7 +5,8 @@ is set, `vision_replicas` vision replicas) or attach to `url`; send a few warm-u
 group's resources and the gateway's counters; then for `duration_s` at once: the open-loop locust load (image and
 text-only streaming requests), the hang-up clients, the seeded kills and a resource sample every
 `sample_interval_s`; then let the load drain, wait until `/ready` (Ray restarts killed actors), wait until the
-in-flight gauges are 0, and read the resources and counters again. A server the soak started is stopped at the end.
+in-flight gauges are 0, and read the resources and counters again. A server the soak started is stopped at the end;
+its replicas sample their own memory into `memory/` (see `common/process_memory.py`).
 """
 
 from __future__ import annotations
@@ -184,6 +185,7 @@ def _server(config: SoakConfig, out: Path) -> ServerProcess:
     settings = ServerSettings(cpus=os.cpu_count() or 1, max_images_per_request=config.images_per_request)
     command = SYSTEMS["c"].command(model, port, settings) + [
         "--vision-replicas", str(config.vision_replicas), "--lm-replicas", str(config.language_replicas),
+        "--memory-report", str((out / "memory").resolve()),
     ]
     return ServerProcess("dvd-serve", command, port, "/ready", out / "server.log")
 

@@ -19,6 +19,7 @@ import os
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import ray
@@ -27,6 +28,7 @@ from ray.util import get_node_ip_address
 
 from dvd_serve.common.chat import ChatJob, GenerationDelta, ImagePart
 from dvd_serve.common.errors import OverloadedError, ServingError, UnavailableError
+from dvd_serve.common.process_memory import record_memory_periodically
 from dvd_serve.lm_worker.engine import ENGINE_DEAD_CODE, engine_dead_error
 from dvd_serve.server.local_generation import generate_with_embeddings, vision_seconds
 from dvd_serve.server.replica_choice import least_outstanding
@@ -111,6 +113,7 @@ class _Replica:
         self._config = config
         self._loading: asyncio.Future | None = None
         self._outstanding = 0
+        self._memory_report: asyncio.Task | None = None
 
     async def _load(self) -> Any:
         raise NotImplementedError
@@ -118,6 +121,12 @@ class _Replica:
     async def _loaded(self) -> Any:
         if self._loading is None:
             self._loading = asyncio.ensure_future(self._load())
+            report = self._config.memory_report
+            if report is not None:
+                role = type(self).__name__.removesuffix("Actor").lower()
+                self._memory_report = asyncio.create_task(
+                    record_memory_periodically(Path(report.folder), role, report.interval_s)
+                )
         return await asyncio.shield(self._loading)
 
     async def _release(self, loaded: Any) -> None:

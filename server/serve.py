@@ -77,6 +77,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                         help="how long a request waits for a pool whose replicas are all restarting, or for another "
                         "language replica when its own died before the first token, before 503 + Retry-After; "
                         "0 = refuse at once (default: 120)")
+    parser.add_argument("--memory-report", metavar="DIR",
+                        help="every replica appends samples of its own memory (RSS, malloc, Python objects) to "
+                        "DIR/memory-<role>-<pid>.csv every 10 s, to diagnose growth (default: off)")
     parser.add_argument("--log-level", choices=("debug", "info", "warning", "error"), default="info")
     parser.set_defaults(run=run)
     return parser
@@ -136,6 +139,7 @@ def config_from_args(args: argparse.Namespace):
         "startup_timeout_s": args.startup_timeout,
         "drain_timeout_s": args.drain_timeout,
         **_given({"replica_wait_s": args.replica_wait}),
+        **({"memory_report": {"folder": args.memory_report}} if args.memory_report else {}),
     }
     return ServeConfig.model_validate(document)
 

@@ -32,6 +32,14 @@ Dtype = Literal["auto", "bfloat16", "float16", "float32"]
 CPU_ACTOR_ENV_DEFAULTS = {"VLLM_CPU_KVCACHE_SPACE": "1", "HF_HUB_OFFLINE": "1"}
 
 
+class MemoryReportConfig(FrozenConfig):
+    """Per-replica memory samples, to find which process and which kind of memory grows (see
+    `common/process_memory.py`)."""
+
+    folder: str = Field(description="Folder (on every node) where each replica appends memory-<role>-<pid>.csv.")
+    interval_s: float = Field(default=10.0, gt=0, description="Seconds between two samples of one replica.")
+
+
 class PoolConfig(FrozenConfig):
     """Size, Ray placement and restart policy of one pool of identical replicas."""
 
@@ -144,6 +152,9 @@ class ServeConfig(FrozenConfig):
     )
     drain_timeout_s: float = Field(
         default=30.0, ge=0, description="On SIGTERM/SIGINT, how long in-flight requests may run before exit."
+    )
+    memory_report: MemoryReportConfig | None = Field(
+        default=None, description="Replicas sample their own memory into CSV files (diagnosis); None = off."
     )
     replica_wait_s: float = Field(
         default=120.0, ge=0,

@@ -9,9 +9,11 @@ With every language replica restarting, new requests wait for one to come back i
 from __future__ import annotations
 
 import asyncio
+import csv
 import os
 import signal
 import time
+from pathlib import Path
 
 import pytest
 import pytest_asyncio
@@ -42,12 +44,13 @@ def origin():
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
-async def served(local_ray, tiny_flash_checkpoint, origin):
+async def served(local_ray, tiny_flash_checkpoint, origin, tmp_path_factory):
     config = ray_test_config(
         tiny_flash_checkpoint, vision_replicas=1, language_pool={"replicas": 2},
         image_fetch=UrlFetchConfig(allow_private_networks=True),
         gateway=GatewayConfig(host="127.0.0.1", port=free_port(), request_timeout_s=REPLICA_WAIT_S + 60),
         replica_wait_s=REPLICA_WAIT_S,
+        memory_report={"folder": str(tmp_path_factory.mktemp("memory")), "interval_s": 1.0},
     )
     async with served_gateway(config, origin) as served:
         yield served
@@ -118,3 +121,13 @@ async def test_requests_arriving_while_every_language_replica_restarts_wait_and_
     assert [completion_tokens(answer) for answer in answers] == [MAX_TOKENS, MAX_TOKENS]
     assert time.monotonic() - killed_at < REPLICA_WAIT_S
     assert (served.language.admitted, served.language.waiting, served.pipeline.in_flight) == (0, 0, 0)
+
+
+async def test_replicas_sample_their_own_memory(served):
+    folder = Path(served.pipeline.config.memory_report.folder)
+    files = {path.name.split("-")[1] for path in folder.glob("memory-*.csv")}
+    assert files == {"vision", "language"}
+    with next(folder.glob("memory-language-*.csv")).open() as rows:
+        sample = next(csv.DictReader(rows))
+    assert float(sample["rss_mib"]) > 100 and int(sample["pymalloc_blocks"]) > 0
+    assert float(sample["children_rss_mib"]) >= 0  # the engine core runs in the actor's process in tests

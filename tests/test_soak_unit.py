@@ -286,7 +286,7 @@ def test_report_renders_the_identity_and_resources():
 
 
 def test_memory_curve_cuts_windows_and_shows_the_growth(tmp_path):
-    from dvd_serve.loadtests.memory_curve import main, read_curves, table, windows
+    from dvd_serve.loadtests.memory_curve import main, read_curves, replica_memory_table, table, windows
 
     rows = [{"at_s": at, "group": group, "processes": 1, "rss_mib": base + slope * at, "open_fds": 3, "threads": 1}
             for at in range(0, 600, 10) for group, base, slope in (("gateway", 400.0, 0.0), ("language", 3000.0, 0.1))]
@@ -297,4 +297,11 @@ def test_memory_curve_cuts_windows_and_shows_the_growth(tmp_path):
     cut = windows(curves["language"], 300)
     assert [(w.start_s, round(w.start_mib), round(w.growth_mib, 1)) for w in cut] == [(0, 3000, 29.0), (300, 3030, 29.0)]
     assert table(curves, 300)[2] == "| 0-5 min | 400 (+0.0) | 3000 (+29.0) |"
+    memory = tmp_path / "memory"
+    memory.mkdir()
+    write_rows_csv([{"unix_s": 1000.0 + at, "rss_mib": 800.0 + at / 10, "pymalloc_blocks": 5000, "malloc_in_use_mib": 300.0,
+                     "malloc_free_mib": "", "children_rss_mib": 2000.0} for at in range(0, 400, 10)],
+                   memory / "memory-language-42.csv")
+    assert replica_memory_table(memory, 300)[2] == (
+        "| language-42 | 0-5 min | 800.0 (+29.0) | 300.0 (+0.0) | - | 5000 (+0) | 2000.0 (+0.0) |")
     assert main([str(tmp_path)]) == 0 and (tmp_path / "rss.png").stat().st_size > 0
