@@ -61,7 +61,7 @@ class FinishedRequest:
 class VllmRequestMetrics:
     """vLLM's request-level series (`vllm:*`), measured where the client sees them: at the gateway.
 
-    Names, help texts' meaning, label `model_name` and bucket bounds are vLLM 0.32's, taken from
+    Names, meanings, label `model_name` and bucket bounds are vLLM 0.32's, taken from
     `vllm.v1.metrics.buckets`, so a dashboard written for vLLM's server reads these unchanged. vLLM also labels each
     series with `engine` (its engine index); dvd-serve's series cover the whole language pool and carry no such
     label. Engine-internal series (KV-cache usage, running/waiting counts, prefix-cache hits) are not here: they
@@ -79,45 +79,46 @@ class VllmRequestMetrics:
         def counter(name: str, documentation: str, extra: tuple[str, ...] = ()) -> Counter:
             return Counter(f"vllm:{name}", documentation, labels + extra, registry=registry)
 
-        self.prompt_tokens = counter("prompt_tokens", "Number of prefill tokens processed.")
-        self.generation_tokens = counter("generation_tokens", "Number of generation tokens processed.")
+        self.prompt_tokens = counter("prompt_tokens", "Prompt tokens of finished requests, visual tokens included.")
+        self.generation_tokens = counter("generation_tokens", "Tokens generated for finished requests, all choices.")
         self.request_success = counter(
-            "request_success", "Count of successfully processed requests.", ("finished_reason",)
+            "request_success", "Finished requests, by the reason each choice ended.", ("finished_reason",)
         )
         self.request_prompt_tokens = histogram(
-            "request_prompt_tokens", "Number of prefill tokens processed.", VLLM_TOKEN_BUCKETS
+            "request_prompt_tokens", "Prompt length of one request (tokens).", VLLM_TOKEN_BUCKETS
         )
         self.request_generation_tokens = histogram(
-            "request_generation_tokens", "Number of generation tokens processed.", VLLM_TOKEN_BUCKETS
+            "request_generation_tokens", "Tokens one choice generated.", VLLM_TOKEN_BUCKETS
         )
         self.request_max_num_generation_tokens = histogram(
-            "request_max_num_generation_tokens", "Maximum number of requested generation tokens.", VLLM_TOKEN_BUCKETS
+            "request_max_num_generation_tokens", "Most tokens any choice of one request generated.",
+            VLLM_TOKEN_BUCKETS,
         )
         self.request_params_n = histogram(
-            "request_params_n", "The n request parameter.", histogram_buckets("request_params_n")
+            "request_params_n", "Choices asked for (`n`).", histogram_buckets("request_params_n")
         )
         self.request_params_max_tokens = histogram(
-            "request_params_max_tokens", "The max_tokens request parameter.", VLLM_TOKEN_BUCKETS
+            "request_params_max_tokens", "`max_tokens` as given (requests without it are left out).", VLLM_TOKEN_BUCKETS
         )
         self.time_to_first_token = histogram(
-            "time_to_first_token_seconds", "Histogram of time to first token in seconds.",
+            "time_to_first_token_seconds", "Arrival at the gateway to the first content.",
             histogram_buckets("time_to_first_token"),
         )
         self.inter_token_latency = histogram(
-            "inter_token_latency_seconds", "Histogram of inter-token latency in seconds.", inter_token
+            "inter_token_latency_seconds", "Gap between two tokens of a choice, per token.", inter_token
         )
         self.request_time_per_output_token = histogram(
-            "request_time_per_output_token_seconds", "Histogram of time_per_output_token_seconds per request.",
+            "request_time_per_output_token_seconds", "(E2E - TTFT) / (tokens - 1) of one request.",
             inter_token,
         )
         self.e2e_request_latency = histogram(
-            "e2e_request_latency_seconds", "Histogram of e2e request latency in seconds.", latency
+            "e2e_request_latency_seconds", "Arrival at the gateway to the last token.", latency
         )
         self.request_queue_time = histogram(
-            "request_queue_time_seconds", "Histogram of time spent in WAITING phase for request.", latency
+            "request_queue_time_seconds", "Wait for a language replica and in its engine queue.", latency
         )
         self.request_inference_time = histogram(
-            "request_inference_time_seconds", "Histogram of time spent in RUNNING phase for request.", latency
+            "request_inference_time_seconds", "First token to last token in the engine.", latency
         )
 
     def observe(self, model_name: str, request: FinishedRequest) -> None:
