@@ -7,7 +7,8 @@ Read from inside the process, so it can tell apart what RSS alone cannot:
   buffers (tensors, bytes) hold through malloc.
 - `malloc_free_mib`: memory malloc keeps free instead of giving it back (fragmentation). RSS growing while the two
   above stay flat points here.
-- `children_rss_mib`: the process's children (a language replica's vLLM engine core), which it cannot look inside.
+- `children_rss_mib`: the process's children (a language replica's vLLM engine core); the engine core samples
+  itself into its own file (`language_engine`) when its replica asks (`ask_engine_processes_to_record`).
 """
 
 from __future__ import annotations
@@ -15,9 +16,11 @@ from __future__ import annotations
 import asyncio
 import csv
 import ctypes
+import json
 import logging
 import os
 import sys
+import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -70,21 +73,63 @@ def read_process_memory() -> ProcessMemory:
     )
 
 
+class MemoryRecorder:
+    """Appends one `ProcessMemory` row per `sample()` to `folder/memory-<role>-<pid>.csv`."""
+
+    def __init__(self, folder: Path, role: str) -> None:
+        folder.mkdir(parents=True, exist_ok=True)
+        self.path = folder / f"memory-{role}-{os.getpid()}.csv"
+        self._fields = ["unix_s", *ProcessMemory.__dataclass_fields__]
+
+    def sample(self) -> None:
+        row = {"unix_s": round(time.time(), 1), **asdict(read_process_memory())}
+        with self.path.open("a", newline="", encoding="utf-8") as out:
+            writer = csv.DictWriter(out, fieldnames=self._fields)
+            if out.tell() == 0:
+                writer.writeheader()
+            writer.writerow(row)
+
+
 async def record_memory_periodically(folder: Path, role: str, interval_s: float) -> None:
-    """Appends a `ProcessMemory` row to `folder/memory-<role>-<pid>.csv` every `interval_s` (until cancelled)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"memory-{role}-{os.getpid()}.csv"
-    fields = ["unix_s", *ProcessMemory.__dataclass_fields__]
-    with path.open("a", newline="", encoding="utf-8") as out:
-        writer = csv.DictWriter(out, fieldnames=fields)
-        if out.tell() == 0:
-            writer.writeheader()
+    """Samples this process every `interval_s` (until cancelled); a failed sample is logged, never fatal."""
+    recorder = MemoryRecorder(folder, role)
+    while True:
+        try:
+            await asyncio.to_thread(recorder.sample)
+        except Exception:
+            logger.exception("memory sample failed")
+        await asyncio.sleep(interval_s)
+
+
+# How a language replica asks the vLLM engine-core process it starts to sample itself too: the replica sets this
+# variable (folder, interval and its own pid as JSON) before starting the engine; the vLLM plugin, which vLLM loads
+# in every engine process, starts a sampling thread in any process other than the replica's own.
+ENGINE_MEMORY_REPORT_ENV = "DVD_SERVE_ENGINE_MEMORY_REPORT"
+
+
+def ask_engine_processes_to_record(folder: Path, interval_s: float) -> None:
+    os.environ[ENGINE_MEMORY_REPORT_ENV] = json.dumps(
+        {"folder": str(folder), "interval_s": interval_s, "parent_pid": os.getpid()}
+    )
+
+
+def record_engine_memory_if_asked() -> None:
+    """In a vLLM engine process started by a language replica that asked for it: sample on a daemon thread."""
+    request = os.environ.get(ENGINE_MEMORY_REPORT_ENV)
+    if not request:
+        return
+    settings = json.loads(request)
+    if settings["parent_pid"] == os.getpid() or getattr(record_engine_memory_if_asked, "started", False):
+        return
+    record_engine_memory_if_asked.started = True
+    recorder = MemoryRecorder(Path(settings["folder"]), "language_engine")
+
+    def run() -> None:
         while True:
             try:
-                sample = await asyncio.to_thread(read_process_memory)
-            except Exception:  # a failed sample must not end the replica
+                recorder.sample()
+            except Exception:
                 logger.exception("memory sample failed")
-            else:
-                writer.writerow({"unix_s": round(time.time(), 1), **asdict(sample)})
-                out.flush()
-            await asyncio.sleep(interval_s)
+            time.sleep(settings["interval_s"])
+
+    threading.Thread(target=run, name="dvd-memory-report", daemon=True).start()

@@ -1,10 +1,12 @@
 """vLLM general plugin (entry point group `vllm.general_plugins`), loaded by vLLM in every engine process.
 
-It does two things, both idempotent:
+It does three things, all idempotent:
 1. makes torchvision importable beside CPU torch (see `dvd_serve.common.torch_compat`);
 2. registers the language worker's model classes (see `vllm_models`): vLLM's InternVL classes accepting images
    of different token counts in one step, and Flash checkpoints. `language_only_overrides(spec)` selects them
-   through `hf_overrides`.
+   through `hf_overrides`;
+3. in an engine process whose language replica asked for memory samples, starts sampling (see
+   `dvd_serve.common.process_memory`).
 """
 
 from __future__ import annotations
@@ -20,9 +22,11 @@ _MODEL_CLASSES = {
 
 
 def register() -> None:
+    from dvd_serve.common.process_memory import record_engine_memory_if_asked
     from dvd_serve.common.torch_compat import ensure_torchvision_importable
 
     ensure_torchvision_importable()
+    record_engine_memory_if_asked()
     from vllm import ModelRegistry
 
     supported = ModelRegistry.get_supported_archs()

@@ -28,7 +28,7 @@ from ray.util import get_node_ip_address
 
 from dvd_serve.common.chat import ChatJob, GenerationDelta, ImagePart
 from dvd_serve.common.errors import OverloadedError, ServingError, UnavailableError
-from dvd_serve.common.process_memory import record_memory_periodically
+from dvd_serve.common.process_memory import ask_engine_processes_to_record, record_memory_periodically
 from dvd_serve.lm_worker.engine import ENGINE_DEAD_CODE, engine_dead_error
 from dvd_serve.server.local_generation import generate_with_embeddings, vision_seconds
 from dvd_serve.server.replica_choice import least_outstanding
@@ -120,13 +120,14 @@ class _Replica:
 
     async def _loaded(self) -> Any:
         if self._loading is None:
-            self._loading = asyncio.ensure_future(self._load())
             report = self._config.memory_report
             if report is not None:
+                ask_engine_processes_to_record(Path(report.folder), report.interval_s)
                 role = type(self).__name__.removesuffix("Actor").lower()
                 self._memory_report = asyncio.create_task(
                     record_memory_periodically(Path(report.folder), role, report.interval_s)
                 )
+            self._loading = asyncio.ensure_future(self._load())
         return await asyncio.shield(self._loading)
 
     async def _release(self, loaded: Any) -> None:

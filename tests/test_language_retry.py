@@ -126,7 +126,7 @@ async def test_requests_arriving_while_every_language_replica_restarts_wait_and_
 async def test_replicas_sample_their_own_memory(served):
     folder = Path(served.pipeline.config.memory_report.folder)
     files = {path.name.split("-")[1] for path in folder.glob("memory-*.csv")}
-    assert files == {"vision", "language"}
+    assert {"vision", "language"} <= files
     with next(folder.glob("memory-language-*.csv")).open() as rows:
         sample = next(csv.DictReader(rows))
     assert float(sample["rss_mib"]) > 100 and int(sample["pymalloc_blocks"]) > 0

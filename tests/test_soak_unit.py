@@ -4,6 +4,7 @@ rendered report."""
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import subprocess
@@ -305,3 +306,25 @@ def test_memory_curve_cuts_windows_and_shows_the_growth(tmp_path):
     assert replica_memory_table(memory, 300)[2] == (
         "| language-42 | 0-5 min | 800.0 (+29.0) | 300.0 (+0.0) | - | 5000 (+0) | 2000.0 (+0.0) |")
     assert main([str(tmp_path)]) == 0 and (tmp_path / "rss.png").stat().st_size > 0
+
+
+def test_a_child_process_records_its_memory_when_its_replica_asked(tmp_path, monkeypatch):
+    """The replica's request travels by environment to the processes it starts (vLLM's engine core loads the
+    plugin, which calls `record_engine_memory_if_asked`); the replica's own process does not sample twice."""
+    from dvd_serve.common.process_memory import (
+        ENGINE_MEMORY_REPORT_ENV,
+        ask_engine_processes_to_record,
+        record_engine_memory_if_asked,
+    )
+
+    monkeypatch.delenv(ENGINE_MEMORY_REPORT_ENV, raising=False)
+    ask_engine_processes_to_record(tmp_path, 0.1)
+    record_engine_memory_if_asked()  # this process asked: nothing starts here
+    child = ("from dvd_serve.common.process_memory import record_engine_memory_if_asked as start; "
+             "import time; start(); time.sleep(0.5)")
+    subprocess.run([sys.executable, "-c", child], check=True, timeout=60)
+    (path,) = tmp_path.glob("memory-*.csv")
+    assert path.name.startswith("memory-language_engine-") and not path.name.endswith(f"-{os.getpid()}.csv")
+    with path.open() as rows:
+        samples = list(csv.DictReader(rows))
+    assert len(samples) >= 2 and float(samples[0]["rss_mib"]) > 1 and int(samples[0]["pymalloc_blocks"]) > 0
