@@ -61,7 +61,7 @@ class LanguageEngineConfig(FrozenConfig):
         description="vLLM's multimodal input cache (`mm_processor_cache_gb`) in the engine-core process. vLLM "
         "defaults to 4 GiB, which here fills with image embeddings the engine has already consumed (host memory "
         "that grows with traffic until the cap); a replica's embeddings arrive ready from the vision pool, so "
-        "0 keeps none. Prefix-cache hits do not depend on it.",
+        "0 keeps none.",
     )
     seed: int = Field(default=0, description="Engine-level seed.")
     scheduling_policy: Literal["fcfs", "priority"] = Field(

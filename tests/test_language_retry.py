@@ -63,17 +63,6 @@ async def _all_back(served) -> None:
     assert await eventually(back, RESTART_BOUND_S, interval_s=0.5), "a language replica never came back"
 
 
-async def test_a_repeated_image_hits_the_language_prefix_cache(served):
-    """The engine keeps no copy of consumed embeddings (`mm_input_cache_gib` 0), yet the same image again still
-    reuses the KV of its prefix: vLLM keys the prefix cache by a hash of the embeddings, not by its input cache."""
-    body = image_chat([data_url(synthetic_image(448, 448, seed=51))], MAX_TOKENS)
-    first, again = [
-        (await served.client.post("/v1/chat/completions", json=body)).json()["usage"] for _ in range(2)
-    ]
-    assert first["prompt_tokens"] == again["prompt_tokens"] > 256
-    assert again["prompt_tokens_details"]["cached_tokens"] >= 256  # the image's tokens at least
-
-
 async def test_a_language_replica_killed_before_the_first_token_is_retried_on_the_other(served):
     reference = completion_tokens(
         response := await served.client.post("/v1/chat/completions", json=image_chat(
