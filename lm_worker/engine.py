@@ -56,6 +56,13 @@ class LanguageEngineConfig(FrozenConfig):
         default=None, description="Disable CUDA graphs / compilation; None = eager on CPU, graphs on GPU."
     )
     enable_prefix_caching: bool = Field(default=True, description="Reuse KV of shared prompt prefixes.")
+    mm_input_cache_gib: float = Field(
+        default=0.0, ge=0.0,
+        description="vLLM's multimodal input cache (`mm_processor_cache_gb`) in the engine-core process. vLLM "
+        "defaults to 4 GiB, which here fills with image embeddings the engine has already consumed (host memory "
+        "that grows with traffic until the cap); a replica's embeddings arrive ready from the vision pool, so "
+        "0 keeps none.",
+    )
     seed: int = Field(default=0, description="Engine-level seed.")
     scheduling_policy: Literal["fcfs", "priority"] = Field(
         default="fcfs", description="vLLM scheduling: first come first served, or by each request's `priority`."
@@ -87,6 +94,7 @@ def build_engine_args(config: LanguageEngineConfig, spec: CheckpointSpec):
         gpu_memory_utilization=config.gpu_memory_utilization,
         limit_mm_per_prompt={"image": 0, "video": 0},
         enable_mm_embeds=True,
+        mm_processor_cache_gb=config.mm_input_cache_gib,
         hf_overrides=language_only_overrides(spec),
         distributed_executor_backend=None if on_gpu else "uni",
     )
