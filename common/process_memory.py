@@ -105,6 +105,7 @@ async def record_memory_periodically(folder: Path, role: str, interval_s: float)
 # variable (folder, interval and its own pid as JSON) before starting the engine; the vLLM plugin, which vLLM loads
 # in every engine process, starts a sampling thread in any process other than the replica's own.
 ENGINE_MEMORY_REPORT_ENV = "DVD_SERVE_ENGINE_MEMORY_REPORT"
+_engine_recorder_started = False  # vLLM may load its plugins more than once in one process
 
 
 def ask_engine_processes_to_record(folder: Path, interval_s: float) -> None:
@@ -118,10 +119,11 @@ def record_engine_memory_if_asked() -> None:
     request = os.environ.get(ENGINE_MEMORY_REPORT_ENV)
     if not request:
         return
+    global _engine_recorder_started
     settings = json.loads(request)
-    if settings["parent_pid"] == os.getpid() or getattr(record_engine_memory_if_asked, "started", False):
+    if settings["parent_pid"] == os.getpid() or _engine_recorder_started:
         return
-    record_engine_memory_if_asked.started = True
+    _engine_recorder_started = True
     recorder = MemoryRecorder(Path(settings["folder"]), "language_engine")
 
     def run() -> None:

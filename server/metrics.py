@@ -11,7 +11,7 @@ Who records what:
   place in each pool, waiting ones included), `admission_refusals` (jobs refused with 429, by pool) and
   `replica_retries` (jobs sent to another replica after theirs died before the first token).
 - `VllmRequestMetrics` (the gateway, for each finished request): the request-level series of vLLM's own server under
-  vLLM's names, labels and buckets, so vLLM's Grafana dashboards and alerts work unchanged; see `docs/metrics.md`.
+  vLLM's names, labels and buckets, so vLLM's Grafana dashboards and alerts work unchanged; see `docs/deploy.md`.
 
 No metric touches prometheus_client's global default registry, so tests may build several apps in one process.
 """

@@ -73,16 +73,25 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     parser.add_argument("--startup-timeout", type=float, default=900.0, help="seconds to load every replica")
     parser.add_argument("--drain-timeout", type=float, default=30.0,
                         help="seconds running requests may take to finish on shutdown (default: 30)")
-    parser.add_argument("--replica-wait", type=float, metavar="SECONDS",
-                        help="how long a request waits for a pool whose replicas are all restarting, or for another "
-                        "language replica when its own died before the first token, before 503 + Retry-After; "
-                        "0 = refuse at once (default: 120)")
-    parser.add_argument("--memory-report", metavar="DIR",
-                        help="every replica appends samples of its own memory (RSS, malloc, Python objects) to "
-                        "DIR/memory-<role>-<pid>.csv every 10 s, to diagnose growth (default: off)")
+    _add_fault_arguments(parser)
     parser.add_argument("--log-level", choices=("debug", "info", "warning", "error"), default="info")
     parser.set_defaults(run=run)
     return parser
+
+
+def _add_fault_arguments(parser: argparse.ArgumentParser) -> None:
+    """Waiting out restarting replicas, and memory diagnosis; defaults from their config fields."""
+    from dvd_serve.server.serve_config import MemoryReportConfig, ServeConfig
+
+    wait_s = ServeConfig.model_fields["replica_wait_s"].default
+    interval_s = MemoryReportConfig.model_fields["interval_s"].default
+    parser.add_argument("--replica-wait", type=float, metavar="SECONDS",
+                        help="how long a request waits for a pool whose replicas are all restarting, or for another "
+                        "language replica when its own died before the first token, before 503 + Retry-After; "
+                        f"0 = refuse at once (default: {wait_s:g})")
+    parser.add_argument("--memory-report", metavar="DIR",
+                        help="every replica appends samples of its own memory (RSS, malloc, Python objects) to "
+                        f"DIR/memory-<role>-<pid>.csv every {interval_s:g} s, to diagnose growth (default: off)")
 
 
 def _add_limit_arguments(parser: argparse.ArgumentParser) -> None:
