@@ -1,9 +1,13 @@
 """The Ray actors of both topologies, and the pool that places, probes and revives them.
 
 - `VisionActor` wraps a `VisionWorker`: images in, embeddings pushed to the language replica named per request.
-- `LanguageActor` wraps a `LanguageWorker`: its gRPC sink receives the embeddings, `generate` streams tokens.
+- `LanguageActor` wraps a `LanguageWorker`: its gRPC sink receives the embeddings, `submit` starts a request.
 - `CoupledActor` is the paper's baseline: vision then language in one process, no gRPC hop, through the same
   `VisionWorker.encode` and `LanguageEngine.generate` code.
+
+Tokens go back the way vLLM's engine returns them to its API server: not one Ray object per token, but one stream
+per gateway process (`deltas`) that carries, once per engine step, the new deltas of every request that gateway
+submitted (`replica_outbox`).
 
 Every actor loads its model on first use (`ready()` triggers it), so a replica Ray restarts after a crash loads
 again by itself. Expected failures leave an actor as `RemoteServingError` (a `ServingError` does not survive
@@ -31,6 +35,7 @@ from dvd_serve.common.errors import OverloadedError, ServingError, UnavailableEr
 from dvd_serve.common.process_memory import ask_engine_processes_to_record, record_memory_periodically
 from dvd_serve.lm_worker.engine import ENGINE_DEAD_CODE, engine_dead_error
 from dvd_serve.server.local_generation import generate_with_embeddings, vision_seconds
+from dvd_serve.server.replica_outbox import DeltaOutbox, ReplicaRequests
 from dvd_serve.server.replica_choice import least_outstanding
 from dvd_serve.server.serve_config import PoolConfig, ServeConfig
 
@@ -114,6 +119,7 @@ class _Replica:
         self._loading: asyncio.Future | None = None
         self._outstanding = 0
         self._memory_report: asyncio.Task | None = None
+        self._requests = ReplicaRequests()
 
     async def _load(self) -> Any:
         raise NotImplementedError
@@ -143,6 +149,34 @@ class _Replica:
     async def outstanding(self) -> int:
         """Requests this replica is working on now."""
         return self._outstanding
+
+    @ray.method(num_returns="streaming")
+    async def deltas(self, subscriber: str) -> AsyncIterator[list]:
+        """`subscriber`'s return stream, for as long as this replica lives: batches of (request id, delta or
+        `RemoteServingError`), each holding what every request it submitted produced since the previous batch."""
+        outbox = self._requests.outbox(subscriber)
+        while True:
+            yield await outbox.next_batch()
+
+    def _start(
+        self, subscriber: str, request_id: str, stream: AsyncIterator[GenerationDelta],
+        abort: Callable[[str], Awaitable[Any]],
+    ) -> None:
+        """Runs `stream` as the request's task, its deltas and its error going to `subscriber`'s outbox."""
+
+        async def run(outbox: DeltaOutbox) -> None:
+            try:
+                async for delta in self._tracked(stream, request_id, abort):
+                    outbox.put(request_id, delta)
+            except RemoteServingError as error:
+                outbox.put(request_id, error)
+            except Exception:
+                logger.exception("request %s failed in the replica", request_id)
+                outbox.put(request_id, RemoteServingError.wrap(
+                    ServingError("Internal error in a model replica.", code="replica_internal_error")
+                ))
+
+        self._requests.start(subscriber, request_id, run)
 
     async def _tracked(
         self, stream: AsyncIterator[GenerationDelta], request_id: str, abort: Callable[[str], Awaitable[Any]]
@@ -215,18 +249,17 @@ class LanguageActor(_Replica):
     async def grpc_address(self) -> str:
         return (await self._loaded()).grpc_address
 
-    @ray.method(num_returns="streaming")
-    async def generate(self, job: ChatJob, expected_images: int) -> AsyncIterator[GenerationDelta]:
-        """Stream the answer once `expected_images` embeddings have arrived."""
+    async def submit(self, subscriber: str, job: ChatJob, expected_images: int) -> None:
+        """Starts answering `job` once `expected_images` embeddings have arrived; its deltas go to `subscriber`."""
         worker = await self._loaded()
         if expected_images:
             stream = worker.generate(job, expected_images)
         else:
             stream = generate_with_embeddings(worker.engine, job, [])
-        async for delta in self._tracked(stream, job.request_id, worker.cancel):
-            yield delta
+        self._start(subscriber, job.request_id, stream, worker.cancel)
 
     async def cancel(self, request_id: str) -> None:
+        self._requests.cancel(request_id)
         await (await self._loaded()).cancel(request_id)
 
     async def _release(self, worker) -> None:
@@ -258,9 +291,8 @@ class CoupledActor(_Replica):
         _require_live_engine(engine)
         return _replica_info(max_model_len=engine.max_model_len)
 
-    @ray.method(num_returns="streaming")
-    async def generate(self, job: ChatJob) -> AsyncIterator[GenerationDelta]:
-        """Encode the job's images here, then stream the answer."""
+    async def submit(self, subscriber: str, job: ChatJob) -> None:
+        """Starts encoding the job's images here, then answering it; its deltas go to `subscriber`."""
         from dvd_serve.vision_worker.worker import VisionOutcome
 
         vision, engine = await self._loaded()
@@ -272,10 +304,10 @@ class CoupledActor(_Replica):
             async for delta in generate_with_embeddings(engine, job, images, vision_seconds(outcome)):
                 yield delta
 
-        async for delta in self._tracked(answer(), job.request_id, engine.abort):
-            yield delta
+        self._start(subscriber, job.request_id, answer(), engine.abort)
 
     async def cancel(self, request_id: str) -> None:
+        self._requests.cancel(request_id)
         _vision, engine = await self._loaded()
         await engine.abort(request_id)
 

@@ -38,10 +38,12 @@ from dvd_serve.server.ray_actors import (
     CoupledActor,
     LanguageActor,
     Replica,
+    RemoteServingError,
     ReplicaPool,
     VisionActor,
     to_serving_error,
 )
+from dvd_serve.server.return_streams import ReturnStreams, StreamEnded
 from dvd_serve.server.serve_config import ServeConfig
 from dvd_serve.vision_worker.worker import VisionOutcome
 
@@ -70,6 +72,7 @@ def connect_ray(config: ServeConfig, report: Callable[[str], None]) -> bool:
             num_cpus=config.embedded_ray_cpus(os.cpu_count() or 1),
             resources=config.embedded_ray_resources(),
             include_dashboard=False,
+            _system_config={"worker_niceness": config.embedded_worker_niceness},
         )
     return True
 
@@ -120,6 +123,7 @@ class RayPipeline:
         self._in_flight = 0
         self._idle = asyncio.Event()
         self._idle.set()
+        self._returns = ReturnStreams()
 
     @classmethod
     async def start(
@@ -206,6 +210,7 @@ class RayPipeline:
 
     async def shutdown(self) -> None:
         """Stops every replica and, if the pipeline started or joined Ray itself, disconnects."""
+        self._returns.close()
         await _stop_pools(self.pools)
         if self._owns_ray:
             ray.shutdown()
@@ -289,21 +294,27 @@ class RayPipeline:
         self, job: ChatJob, pool: ReplicaPool, replica: Replica, vision_place: AdmissionPlace | None
     ) -> AsyncIterator[GenerationDelta]:
         coupled = pool.name == "coupled"
-        stream = vision_task = None
+        vision_task = None
         finished = False
-        with self._tracked(pool, replica):
+        returns = self._returns.of(replica.name, replica.handle)
+        with self._tracked(pool, replica), returns.inbox(job.request_id) as inbox:
             try:
+                subscriber = self._returns.subscriber
                 if coupled:
-                    stream = replica.handle.generate.remote(job)
+                    submission = replica.handle.submit.remote(subscriber, job)
                 else:
                     if job.images:
                         vision_task = asyncio.ensure_future(
                             self._encode_and_push(job, replica.info.grpc_address, vision_place)
                         )
-                    stream = replica.handle.generate.remote(without_image_data(job), len(job.images))
+                    submission = replica.handle.submit.remote(subscriber, without_image_data(job), len(job.images))
+                try:
+                    await submission
+                except RayError as error:
+                    raise self._replica_failure(error, pool, replica) from None
                 totals: StageTimings | None = None
                 while not finished:
-                    delta = await self._next_delta(stream, vision_task, pool, replica)
+                    delta = await self._next_delta(inbox, vision_task, pool, replica)
                     first = totals is None
                     if first:
                         outcome = await vision_task if vision_task is not None else None
@@ -316,30 +327,51 @@ class RayPipeline:
                     yield delta
             finally:
                 if not finished:
-                    _abandon(job.request_id, replica, stream, vision_task)
+                    _abandon(job.request_id, replica, vision_task)
 
-    async def _next_delta(self, stream, vision_task: asyncio.Future | None, pool: ReplicaPool,
+    async def _next_delta(self, inbox: asyncio.Queue, vision_task: asyncio.Future | None, pool: ReplicaPool,
                           replica: Replica) -> GenerationDelta:
-        """The next delta of `stream`; fails as soon as the vision side fails, instead of when the LM gives up."""
-        next_delta = asyncio.ensure_future(_next_item(stream))
+        """The request's next delta from its replica's return stream; fails as soon as the vision side fails,
+        instead of when the language replica gives up waiting for the embeddings."""
+        if not inbox.empty():
+            item = inbox.get_nowait()
+        elif vision_task is None or vision_task.done():
+            item = await inbox.get()
+        else:
+            item = await self._next_or_vision_failure(inbox, vision_task, pool, replica)
+        if isinstance(item, GenerationDelta):
+            return item
+        if isinstance(item, RemoteServingError):
+            error = item.unwrap()
+            if error.code in _REPLICA_GONE_CODES:
+                pool.mark_dead(replica)
+            raise error
+        if isinstance(item, StreamEnded):
+            pool.mark_dead(replica)
+            raise UnavailableError(f"A {pool.name} replica ended the answer early.", code="stream_ended")
+        raise self._replica_failure(item, pool, replica)
+
+    async def _next_or_vision_failure(self, inbox: asyncio.Queue, vision_task: asyncio.Future, pool: ReplicaPool,
+                                      replica: Replica):
+        next_item = asyncio.ensure_future(inbox.get())
         try:
-            if vision_task is not None and not vision_task.done():
-                await asyncio.wait({next_delta, vision_task}, return_when=asyncio.FIRST_COMPLETED)
-            vision_failure = _failure(vision_task) if vision_task is not None else None
+            await asyncio.wait({next_item, vision_task}, return_when=asyncio.FIRST_COMPLETED)
+            vision_failure = _failure(vision_task)
             if vision_failure is not None:
                 if getattr(vision_failure, "code", None) in _REPLICA_GONE_CODES:
                     pool.mark_dead(replica)
                 raise vision_failure
-            return await next_delta
-        except StopAsyncIteration:
-            raise UnavailableError(f"A {pool.name} replica ended the answer early.", code="stream_ended") from None
-        except RayError as error:
-            serving_error = to_serving_error(error, pool.name)
-            if isinstance(error, RayActorError) or serving_error.code in _REPLICA_GONE_CODES:
-                pool.mark_dead(replica)
-            raise serving_error from None
+            return await next_item
         finally:
-            next_delta.cancel()
+            next_item.cancel()
+
+    @staticmethod
+    def _replica_failure(error: BaseException, pool: ReplicaPool, replica: Replica) -> ServingError:
+        """What a failed call to (or stream from) `replica` means; takes the replica out of the choice if gone."""
+        serving_error = to_serving_error(error, pool.name)
+        if isinstance(error, RayActorError) or serving_error.code in _REPLICA_GONE_CODES:
+            pool.mark_dead(replica)
+        return serving_error
 
     async def _encode_and_push(self, job: ChatJob, lm_address: str, place: AdmissionPlace | None) -> VisionOutcome:
         """Runs the job's vision work on the least-loaded vision replica, on another one if that replica dies.
@@ -416,24 +448,19 @@ def _first_timings(reported: StageTimings | None, outcome: VisionOutcome | None)
     return totals
 
 
-async def _next_item(stream) -> GenerationDelta:
-    return await (await stream.__anext__())
-
-
 def _failure(task: asyncio.Future) -> BaseException | None:
     if not task.done() or task.cancelled():
         return None
     return task.exception()
 
 
-def _abandon(request_id: str, replica: Replica, stream, vision_task: asyncio.Future | None) -> None:
+def _abandon(request_id: str, replica: Replica, vision_task: asyncio.Future | None) -> None:
     """Cancels whatever is still running for `request_id` on both sides, without waiting."""
     if vision_task is not None:
         vision_task.cancel()
         vision_task.add_done_callback(_failure)  # a failure nobody waits for any more is not an error
-    if stream is not None:
-        ray.cancel(stream)
     if replica.alive:
+        # Also when the submission itself was interrupted: it may have started the request already.
         replica.handle.cancel.remote(request_id)
 
 

@@ -144,6 +144,12 @@ class ServeConfig(FrozenConfig):
         default=None, ge=1, description="CPUs the embedded Ray declares; None = this machine's count (at least "
         "what the pools reserve)."
     )
+    embedded_worker_niceness: int = Field(
+        default=0, ge=0, le=19,
+        description="Niceness of the embedded Ray's worker processes (the replicas). Ray's own default, 15, puts "
+        "the engines behind everything else on the machine, which doubled TPOT here; 0 runs them at the "
+        "gateway's priority. A joined cluster keeps its own setting (`RAY_worker_niceness` on its nodes).",
+    )
     actor_env: dict[str, str] = Field(
         default_factory=dict, description="Environment variables set in every replica (Ray runtime_env)."
     )
