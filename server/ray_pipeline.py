@@ -333,12 +333,12 @@ class RayPipeline:
                           replica: Replica) -> GenerationDelta:
         """The request's next delta from its replica's return stream; fails as soon as the vision side fails,
         instead of when the language replica gives up waiting for the embeddings."""
-        if not inbox.empty():
-            item = inbox.get_nowait()
-        elif vision_task is None or vision_task.done():
-            item = await inbox.get()
-        else:
+        if vision_task is not None and not vision_task.done() and inbox.empty():
             item = await self._next_or_vision_failure(inbox, vision_task, pool, replica)
+        else:
+            if vision_task is not None:
+                self._raise_vision_failure(vision_task, pool, replica)
+            item = inbox.get_nowait() if not inbox.empty() else await inbox.get()
         if isinstance(item, GenerationDelta):
             return item
         if isinstance(item, RemoteServingError):
@@ -356,14 +356,20 @@ class RayPipeline:
         next_item = asyncio.ensure_future(inbox.get())
         try:
             await asyncio.wait({next_item, vision_task}, return_when=asyncio.FIRST_COMPLETED)
-            vision_failure = _failure(vision_task)
-            if vision_failure is not None:
-                if getattr(vision_failure, "code", None) in _REPLICA_GONE_CODES:
-                    pool.mark_dead(replica)
-                raise vision_failure
+            self._raise_vision_failure(vision_task, pool, replica)
             return await next_item
         finally:
             next_item.cancel()
+
+    @staticmethod
+    def _raise_vision_failure(vision_task: asyncio.Future, pool: ReplicaPool, replica: Replica) -> None:
+        """Raises the vision side's failure, if it failed: it is the request's answer, not what the language
+        replica says later about the embeddings that never came."""
+        vision_failure = _failure(vision_task)
+        if vision_failure is not None:
+            if getattr(vision_failure, "code", None) in _REPLICA_GONE_CODES:
+                pool.mark_dead(replica)
+            raise vision_failure
 
     @staticmethod
     def _replica_failure(error: BaseException, pool: ReplicaPool, replica: Replica) -> ServingError:

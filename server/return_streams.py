@@ -72,8 +72,9 @@ class ReplicaReturnStream:
 
     def close(self) -> None:
         self._reader.cancel()
-        with contextlib.suppress(Exception):
-            ray.cancel(self._stream)
+        if ray.is_initialized():  # else there is nothing to cancel (and `ray.cancel` would start a local Ray)
+            with contextlib.suppress(Exception):
+                ray.cancel(self._stream)
 
 
 class ReturnStreams:
