@@ -38,7 +38,6 @@ from dvd_serve.server.ray_actors import (
     CoupledActor,
     LanguageActor,
     Replica,
-    RemoteServingError,
     ReplicaPool,
     VisionActor,
     to_serving_error,
@@ -338,18 +337,13 @@ class RayPipeline:
         else:
             if vision_task is not None:
                 self._raise_vision_failure(vision_task, pool, replica)
-            item = inbox.get_nowait() if not inbox.empty() else await inbox.get()
+            item = await inbox.get()
         if isinstance(item, GenerationDelta):
             return item
-        if isinstance(item, RemoteServingError):
-            error = item.unwrap()
-            if error.code in _REPLICA_GONE_CODES:
-                pool.mark_dead(replica)
-            raise error
         if isinstance(item, StreamEnded):
             pool.mark_dead(replica)
             raise UnavailableError(f"A {pool.name} replica ended the answer early.", code="stream_ended")
-        raise self._replica_failure(item, pool, replica)
+        raise self._replica_failure(item, pool, replica)  # a `RemoteServingError` or a Ray failure
 
     async def _next_or_vision_failure(self, inbox: asyncio.Queue, vision_task: asyncio.Future, pool: ReplicaPool,
                                       replica: Replica):

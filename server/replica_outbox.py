@@ -39,9 +39,6 @@ class DeltaOutbox:
         self._ready.clear()
         return batch
 
-    def __len__(self) -> int:
-        return len(self._pending)
-
 
 class ReplicaRequests:
     """The requests a replica is running, each a task feeding its subscriber's outbox."""

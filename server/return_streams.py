@@ -10,14 +10,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 import uuid
 from collections.abc import Iterator
 from typing import Any
 
 import ray
-
-logger = logging.getLogger(__name__)
 
 
 class StreamEnded(Exception):

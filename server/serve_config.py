@@ -147,7 +147,7 @@ class ServeConfig(FrozenConfig):
     embedded_worker_niceness: int = Field(
         default=0, ge=0, le=19,
         description="Niceness of the embedded Ray's worker processes (the replicas). Ray's own default, 15, puts "
-        "the engines behind everything else on the machine, which doubled TPOT here; 0 runs them at the "
+        "the engines behind every other process on the machine, the gateway included; 0 runs them at the "
         "gateway's priority. A joined cluster keeps its own setting (`RAY_worker_niceness` on its nodes).",
     )
     actor_env: dict[str, str] = Field(
