@@ -40,9 +40,14 @@ class ImagePart:
 
 @dataclass(frozen=True, slots=True)
 class ChatMessage:
-    role: str  # "system" | "developer" | "user" | "assistant"
+    role: str  # "system" | "developer" | "user" | "assistant" | "tool"
     parts: tuple[TextPart | ImagePart, ...]
     name: str | None = None  # the message's `name`, passed to the chat template
+    # Assistant history: the calls it made, OpenAI-shaped ({"id", "type": "function", "function": {"name",
+    # "arguments": JSON text}}), and its reasoning (vLLM's `reasoning`, alias `reasoning_content`).
+    tool_calls: tuple[dict[str, Any], ...] | None = None
+    reasoning: str | None = None
+    tool_call_id: str | None = None  # a tool message: the call it answers
 
 
 class SamplingConfig(FrozenConfig):
@@ -108,6 +113,18 @@ class PromptOptions:
 
 
 @dataclass(frozen=True, slots=True)
+class AnswerOptions:
+    """What the answer may contain besides text, and how it is split (by vLLM's tool and reasoning parsers)."""
+
+    tools: tuple[dict[str, Any], ...] = ()  # OpenAI function tools, as the client sent them
+    tool_choice: str | dict[str, Any] | None = None  # "none" | "auto" | "required" | a named function; None: default
+    parallel_tool_calls: bool | None = None  # False: at most one call per answer
+    include_reasoning: bool = True  # False: reasoning is parsed out and dropped
+    reasoning_effort: str | None = None  # vLLM's mapping to the template's `enable_thinking`
+    streamed: bool = True  # False: the whole answer is parsed once at the end, as vLLM does for non-streaming
+
+
+@dataclass(frozen=True, slots=True)
 class ChatJob:
     """One chat completion request, ready for the pipeline."""
 
@@ -117,6 +134,7 @@ class ChatJob:
     deadline_s: float | None = None  # seconds from submission after which the job is abandoned
     prompt_options: PromptOptions = PromptOptions()
     priority: int = 0  # vLLM scheduling priority (lower is earlier); needs the engine's priority policy
+    answer: AnswerOptions = AnswerOptions()
 
     @property
     def images(self) -> tuple[ImagePart, ...]:
@@ -139,14 +157,19 @@ class GenerationDelta:
     """New output of one request since the previous delta."""
 
     token_ids: list[int]
-    text: str
-    finish_reason: str | None = None  # "stop" | "length" | None while running
+    text: str  # the answer's content (with a parser: what is neither reasoning nor a tool call)
+    finish_reason: str | None = None  # "stop" | "length" | "tool_calls" | None while running
     index: int = 0  # the choice this delta belongs to (n > 1)
     choices_running: int = 0  # other choices of the request still generating after this delta
     prompt_token_count: int | None = None  # set on the first delta; includes visual tokens
     cached_prompt_tokens: int | None = None  # set on the first delta: prompt tokens served from the prefix cache
     logprobs: list[dict[int, float]] | None = None  # per new token: token id -> logprob (top-k + chosen)
     timings: StageTimings | None = field(default=None)  # set on the first and last delta
+    reasoning: str = ""  # the reasoning parser's share of the new output
+    # OpenAI-shaped tool-call pieces: streamed, {"index", "id"?, "type"?, "function": {"name"?, "arguments"?}};
+    # not streamed, the whole calls on the last delta, {"id", "type", "function": {"name", "arguments"}}.
+    tool_calls: list[dict[str, Any]] | None = None
+    content_null: bool = False  # a non-streamed answer the parser left without content: `content` is null (vLLM's)
 
     @property
     def ends_stream(self) -> bool:

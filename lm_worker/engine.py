@@ -19,7 +19,8 @@ from pydantic import Field
 from dvd_serve.common.checkpoint.spec import CheckpointSpec
 from dvd_serve.common.config import FrozenConfig
 from dvd_serve.common.errors import InvalidRequestError, UnavailableError
-from dvd_serve.common.chat import GenerationDelta, SamplingConfig
+from dvd_serve.common.chat import AnswerOptions, ChatJob, GenerationDelta, PromptOptions, SamplingConfig
+from dvd_serve.lm_worker.answer_parsing import AUTO, AnswerSplitter, RequestPlan, choose_parsers, parser_class
 from dvd_serve.lm_worker.context_budget import output_token_budget, prompt_token_count
 from dvd_serve.lm_worker.vllm_plugin import language_only_overrides, register
 
@@ -67,6 +68,18 @@ class LanguageEngineConfig(FrozenConfig):
     scheduling_policy: Literal["fcfs", "priority"] = Field(
         default="fcfs", description="vLLM scheduling: first come first served, or by each request's `priority`."
     )
+    tool_call_parser: str | None = Field(
+        default=AUTO,
+        description="vLLM tool-call parser (vLLM's `--tool-call-parser`, e.g. hermes); `auto` picks it from the "
+        "checkpoint (hermes for the Qwen-based members, whose language models were trained on that format); None "
+        "turns tool calling off.",
+    )
+    reasoning_parser: str | None = Field(
+        default=AUTO,
+        description="vLLM reasoning parser (vLLM's `--reasoning-parser`, e.g. qwen3, deepseek_r1); `auto` picks "
+        "qwen3 when the chat template has an `enable_thinking` switch, else none (InternVL3.5's own templates "
+        "have none: its thinking mode is a system prompt, so the reasoning is left in `content`).",
+    )
 
 
 def resolve_dtype(dtype: str) -> str:
@@ -75,8 +88,9 @@ def resolve_dtype(dtype: str) -> str:
     return "bfloat16" if torch.cuda.is_available() else "float32"
 
 
-def build_engine_args(config: LanguageEngineConfig, spec: CheckpointSpec):
-    """vLLM engine arguments for a language-only engine over `config.model`."""
+def build_engine_args(config: LanguageEngineConfig, spec: CheckpointSpec, reasoning_parser: str | None = None):
+    """vLLM engine arguments for a language-only engine over `config.model`; `reasoning_parser` also gates the
+    engine's structured output until reasoning ends, as vLLM's `--reasoning-parser` does."""
     from vllm.engine.arg_utils import AsyncEngineArgs
 
     on_gpu = torch.cuda.is_available()
@@ -97,16 +111,22 @@ def build_engine_args(config: LanguageEngineConfig, spec: CheckpointSpec):
         mm_processor_cache_gb=config.mm_input_cache_gib,
         hf_overrides=language_only_overrides(spec),
         distributed_executor_backend=None if on_gpu else "uni",
+        reasoning_parser=reasoning_parser or "",
     )
 
 
 class LanguageEngine:
     """A started vLLM `AsyncLLM` over one checkpoint, language model only."""
 
-    def __init__(self, config: LanguageEngineConfig, spec: CheckpointSpec, engine) -> None:
+    def __init__(self, config: LanguageEngineConfig, spec: CheckpointSpec, engine,
+                 parsers: tuple[str | None, str | None] = (None, None)) -> None:
         self.config = config
         self.spec = spec
         self._engine = engine
+        self.tool_parser, self.reasoning_parser = parsers
+        self.parser_cls = parser_class(self.tool_parser, self.reasoning_parser, config.model, self.tokenizer)
+        if self.parser_cls is not None:
+            logger.info("tool-call parser %s, reasoning parser %s", self.tool_parser, self.reasoning_parser)
         # The checkpoint's generation_config.json sampling defaults, as vLLM's `--generation-config auto` applies.
         self.default_sampling = dict(engine.model_config.get_diff_sampling_param())
         if self.default_sampling:
@@ -118,8 +138,10 @@ class LanguageEngine:
         from vllm.v1.engine.async_llm import AsyncLLM
 
         spec = CheckpointSpec.from_dir(config.model)
-        engine = AsyncLLM.from_engine_args(build_engine_args(config, spec))
-        return cls(config, spec, engine)
+        parsers = choose_parsers(config.tool_call_parser, config.reasoning_parser, spec.llm_type,
+                                 checkpoint_chat_template(config.model))
+        engine = AsyncLLM.from_engine_args(build_engine_args(config, spec, reasoning_parser=parsers[1]))
+        return cls(config, spec, engine, parsers)
 
     @property
     def tokenizer(self):
@@ -135,17 +157,33 @@ class LanguageEngine:
         """The context length the engine runs with (vLLM's, after its KV-cache check)."""
         return self._engine.model_config.max_model_len
 
+    def plan(self, sampling: SamplingConfig, answer: AnswerOptions = AnswerOptions(),
+             prompt_options: PromptOptions = PromptOptions()) -> RequestPlan:
+        """vLLM's request for a job, adjusted by the parsers (tool-choice constraints); 400 on what vLLM refuses.
+        Made before the prompt is rendered: the template needs its tools."""
+        return _validated(lambda: RequestPlan.build(sampling, answer, prompt_options, self.parser_cls, self.tokenizer,
+                                                    self.model_config))
+
+    def prepare(self, job: ChatJob) -> tuple[str, RequestPlan]:
+        """`job`'s prompt text, rendered as vLLM's server renders it, and its vLLM request."""
+        from dvd_serve.lm_worker.prompt import render_prompt
+
+        plan = self.plan(job.sampling, job.answer, job.prompt_options)
+        prompt = render_prompt(self.model_config, self.tokenizer, job.messages, self.spec, plan.chat_template_kwargs,
+                               plan.tools)
+        return prompt, plan
+
     async def generate(
         self,
         request_id: str,
         prompt: str,
         images: Sequence[torch.Tensor],
-        sampling: SamplingConfig,
+        plan: RequestPlan,
         priority: int = 0,
     ) -> AsyncIterator[GenerationDelta]:
         """Stream the answer to `prompt`, whose placeholders are filled by `images` in order.
 
-        With `sampling.n` > 1 the choices' deltas interleave, each with its `index`. Raises `InvalidRequestError`
+        With n > 1 the choices' deltas interleave, each with its `index`. Raises `InvalidRequestError`
         (400) before the engine sees a request that does not fit the context or that vLLM's validation refuses.
         """
         self._check_images(prompt, images)
@@ -154,15 +192,25 @@ class LanguageEngine:
                 "'priority' other than 0 needs the priority scheduling policy, which this server does not use.",
                 code="invalid_value", param="priority",
             )
-        max_tokens = await self._output_budget(prompt, images, sampling)
+        request = plan.request
+        max_tokens = await self._output_budget(prompt, images, plan.sampling)
         engine_prompt: dict = {"prompt": prompt}
         if images:
             engine_prompt["multi_modal_data"] = {"image": [image.to(self.dtype) for image in images]}
-        params = _validated(lambda: to_vllm_sampling_params(sampling, max_tokens, self.default_sampling))
+        params = _validated(lambda: plan.sampling_params(max_tokens, self.default_sampling))
+        splitter = None if plan.parser_cls is None else AnswerSplitter(plan, self.tokenizer, self.model_config)
+        reasoning_hint = {}
+        if splitter is not None and plan.parser_cls.reasoning_parser_cls is not None:
+            prompt_ids = await asyncio.to_thread(self.tokenizer.encode, prompt, add_special_tokens=False)
+            reasoning_hint = dict(
+                reasoning_ended=plan.reasoning_ended(plan.new_parser(self.tokenizer, self.model_config), prompt_ids),
+                reasoning_parser_kwargs={"chat_template_kwargs": plan.chat_template_kwargs},
+            )
         first = True
-        running = sampling.n
+        running = request.n or 1
         try:
-            async for output in self._engine.generate(engine_prompt, params, request_id, priority=priority):
+            async for output in self._engine.generate(engine_prompt, params, request_id, priority=priority,
+                                                      **reasoning_hint):
                 for completion in output.outputs:
                     running -= completion.finish_reason is not None
                     delta = GenerationDelta(
@@ -175,6 +223,13 @@ class LanguageEngine:
                         cached_prompt_tokens=output.num_cached_tokens if first else None,
                         logprobs=_plain_logprobs(completion.logprobs),
                     )
+                    if splitter is not None:
+                        split = splitter.split(completion.index, completion.text, delta.token_ids,
+                                               completion.finish_reason, output.prompt_token_ids)
+                        delta.text, delta.reasoning, delta.tool_calls = split.content, split.reasoning, split.tool_calls
+                        delta.finish_reason, delta.content_null = split.finish_reason, split.content_null
+                        if not request.include_reasoning:  # vLLM hides per-token data that could show reasoning
+                            delta.logprobs = None
                     first = False
                     yield delta
         except _vllm_validation_error() as error:
@@ -186,7 +241,7 @@ class LanguageEngine:
                 raise InvalidRequestError(
                     f"The structured-output constraint is invalid: {str(error)[:MAX_ENGINE_ERROR_CHARS]}",
                     code="invalid_structured_output",
-                    param="structured_outputs" if sampling.structured_outputs is not None else "response_format",
+                    param=_constraint_param(plan.sampling),
                 ) from error
             raise InvalidRequestError(
                 "The request does not fit the model (context length or image placeholders).",
@@ -221,11 +276,9 @@ class LanguageEngine:
             )
         return budget
 
-    async def prompt_tokens(self, job) -> list[int]:
+    async def prompt_tokens(self, job: ChatJob) -> list[int]:
         """The token ids of `job`'s chat (a text-only `ChatJob`) rendered as for generation (vLLM's `/tokenize`)."""
-        from dvd_serve.lm_worker.prompt import render_prompt
-
-        prompt = render_prompt(self.model_config, self.tokenizer, job.messages, self.spec, job.prompt_options)
+        prompt, _ = self.prepare(job)
         return await asyncio.to_thread(self.tokenizer.encode, prompt, add_special_tokens=False)
 
     async def abort(self, request_id: str) -> None:
@@ -295,43 +348,33 @@ def _validated(build):
         raise InvalidRequestError(f"Invalid '{param}': {first['msg']}.", code="invalid_value", param=param) from None
 
 
-def to_vllm_sampling_params(config: SamplingConfig, max_tokens: int, defaults: dict | None = None):
-    """vLLM's parameters for `config`, mapped by vLLM's own chat request (`to_sampling_params`): the client's value,
-    else the checkpoint's generation-config default (`defaults`), else vLLM's neutral default. `max_tokens` is the
-    output budget the context leaves. Streams deltas (vLLM's `stream=True` output kind)."""
-    from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest as VllmChatRequest
-
-    request = VllmChatRequest(
-        messages=[],
-        stream=True,
-        n=config.n,
-        temperature=config.temperature,
-        top_p=config.top_p,
-        top_k=config.top_k,
-        min_p=config.min_p,
-        presence_penalty=config.presence_penalty,
-        frequency_penalty=config.frequency_penalty,
-        repetition_penalty=config.repetition_penalty,
-        seed=config.seed,
-        stop=list(config.stop),
-        stop_token_ids=list(config.stop_token_ids),
-        include_stop_str_in_output=config.include_stop_str_in_output,
-        min_tokens=config.min_tokens,
-        logprobs=config.logprobs is not None,
-        top_logprobs=config.logprobs or 0,
-        logit_bias={str(token): bias for token, bias in config.logit_bias.items()} if config.logit_bias else None,
-        allowed_token_ids=list(config.allowed_token_ids) if config.allowed_token_ids is not None else None,
-        bad_words=list(config.bad_words),
-        ignore_eos=config.ignore_eos,
-        skip_special_tokens=config.skip_special_tokens,
-        spaces_between_special_tokens=config.spaces_between_special_tokens,
-        response_format=config.response_format,
-        structured_outputs=config.structured_outputs,
-    )
-    return request.to_sampling_params(max_tokens, defaults or {})
+def _constraint_param(sampling: SamplingConfig) -> str:
+    """The request field a constraint came from: the client's own, else the tool schemas."""
+    if sampling.structured_outputs is not None:
+        return "structured_outputs"
+    return "response_format" if sampling.response_format is not None else "tools"
 
 
 def _plain_logprobs(logprobs) -> list[dict[int, float]] | None:
     if logprobs is None:
         return None
     return [{token: entry.logprob for token, entry in position.items()} for position in logprobs]
+
+
+def checkpoint_chat_template(model_dir: str) -> str:
+    """The chat template a checkpoint ships (chat_template.jinja, chat_template.json, or tokenizer_config.json's
+    `chat_template`), as text; "" when it has none. Read before the engine starts: the parser choice needs it."""
+    import json
+    from pathlib import Path
+
+    folder = Path(model_dir)
+    if (folder / "chat_template.jinja").is_file():
+        return (folder / "chat_template.jinja").read_text(encoding="utf-8")
+    for name in ("chat_template.json", "tokenizer_config.json"):
+        if (folder / name).is_file():
+            template = json.loads((folder / name).read_text(encoding="utf-8")).get("chat_template")
+            if isinstance(template, list):  # named templates: [{"name": ..., "template": ...}]
+                return "\n".join(str(entry.get("template", "")) for entry in template)
+            if isinstance(template, str):
+                return template
+    return ""

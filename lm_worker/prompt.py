@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from dvd_serve.common.chat import ChatMessage, ImagePart, PromptOptions, TextPart
+from dvd_serve.common.chat import ChatMessage, ImagePart, TextPart
 from dvd_serve.common.checkpoint.spec import CheckpointSpec
 from dvd_serve.common.errors import InvalidRequestError
 
@@ -38,25 +38,22 @@ def render_prompt(
     tokenizer,
     messages: Sequence[ChatMessage],
     spec: CheckpointSpec,
-    options: PromptOptions = PromptOptions(),
+    template_kwargs: dict[str, Any],
+    tools: list[dict[str, Any]] | None = None,
 ) -> str:
-    """The prompt text for `messages`; `model_config` and `tokenizer` are the engine's (vLLM's objects)."""
+    """The prompt text for `messages`; `model_config` and `tokenizer` are the engine's (vLLM's objects);
+    `template_kwargs` and `tools` as vLLM renders them (`RequestPlan.chat_template_kwargs`, `RequestPlan.tools`)."""
     from vllm.exceptions import VLLMValidationError
+    from vllm.renderers.chat_utils import _postprocess_messages
     from vllm.renderers.hf import safe_apply_chat_template
-    from vllm.renderers.params import merge_kwargs
 
     _check_reserved(messages, spec)
     wrap_parts = content_format(model_config, tokenizer) == "openai"
     conversation = [_conversation_message(message, spec, wrap_parts) for message in messages]
-    # As vLLM's `build_chat_params`: the request's template settings override its `chat_template_kwargs`.
-    template_kwargs = merge_kwargs(dict(options.template_kwargs), {
-        "add_generation_prompt": options.add_generation_prompt,
-        "continue_final_message": options.continue_final_message,
-        "documents": list(options.documents) if options.documents is not None else None,
-    })
     try:
+        _postprocess_messages(conversation)  # vLLM's: assistant tool-call arguments as objects for the template
         return safe_apply_chat_template(
-            model_config, tokenizer, conversation, tools=None, chat_template=None, tokenize=False, **template_kwargs
+            model_config, tokenizer, conversation, tools=tools, chat_template=None, tokenize=False, **template_kwargs
         )
     except VLLMValidationError as error:
         raise InvalidRequestError(
@@ -79,7 +76,20 @@ def _check_reserved(messages: Sequence[ChatMessage], spec: CheckpointSpec) -> No
 
 
 def _conversation_message(message: ChatMessage, spec: CheckpointSpec, wrap_parts: bool) -> dict[str, Any]:
-    rendered: dict[str, Any] = {"role": message.role, "content": _content(message, spec, wrap_parts)}
+    """One message as vLLM's `_parse_chat_message_content` hands it to the template."""
+    content = _content(message, spec, wrap_parts)
+    if message.role == "tool" and isinstance(content, list):  # vLLM joins a tool result's text parts
+        content = "\n".join(part["text"] for part in content if part.get("type") == "text")
+    rendered: dict[str, Any] = {"role": message.role, "content": content}
+    if message.role == "assistant":
+        if message.tool_calls is not None:
+            rendered["tool_calls"] = [
+                {**call, "function": dict(call["function"])} for call in message.tool_calls
+            ]
+        if message.reasoning is not None:
+            rendered["reasoning"] = rendered["reasoning_content"] = message.reasoning
+    if message.role == "tool" and message.tool_call_id is not None:
+        rendered["tool_call_id"] = message.tool_call_id
     if message.name is not None:
         rendered["name"] = message.name
     if message.role == "developer":

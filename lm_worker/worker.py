@@ -20,7 +20,6 @@ from dvd_serve.lm_worker.embedding_receiver import ModelIdentity, start_embeddin
 from dvd_serve.lm_worker.embedding_store import EmbeddingStore
 from dvd_serve.lm_worker.embedding_validation import EmbeddingLimits
 from dvd_serve.lm_worker.engine import LanguageEngine, LanguageEngineConfig
-from dvd_serve.lm_worker.prompt import render_prompt
 
 logger = logging.getLogger(__name__)
 
@@ -90,16 +89,14 @@ class LanguageWorker:
                 if expected_images
                 else []
             )
-            prompt = render_prompt(
-                self.engine.model_config, self.engine.tokenizer, job.messages, self.engine.spec, job.prompt_options
-            )
+            prompt, plan = self.engine.prepare(job)
             images = [item.embeddings for item in received]
         except BaseException:
             self.store.cancel(job.request_id)
             raise
         waited = time.monotonic() - started
         first_token_at: float | None = None
-        async for delta in self.engine.generate(job.request_id, prompt, images, job.sampling, job.priority):
+        async for delta in self.engine.generate(job.request_id, prompt, images, plan, job.priority):
             now = time.monotonic()
             if first_token_at is None:
                 first_token_at = now

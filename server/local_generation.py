@@ -1,6 +1,6 @@
 """Generation when the images' embeddings are already in the process: the coupled baseline and text-only requests.
 
-The prompt is rendered and streamed exactly as on a language replica (same `render_prompt`, same
+The prompt is rendered and streamed exactly as on a language replica (same `LanguageEngine.prepare`, same
 `LanguageEngine.generate`), so the decoupled and coupled topologies differ only in where the embeddings come from.
 """
 
@@ -14,7 +14,6 @@ import torch
 
 from dvd_serve.common.chat import ChatJob, GenerationDelta, StageTimings
 from dvd_serve.lm_worker.engine import LanguageEngine
-from dvd_serve.lm_worker.prompt import render_prompt
 from dvd_serve.vision_worker.worker import VisionOutcome
 
 
@@ -26,14 +25,14 @@ async def generate_with_embeddings(
     The first delta carries queue time and visual-token totals, the final one all stage timings.
     """
     started = time.monotonic()
-    prompt = render_prompt(engine.model_config, engine.tokenizer, job.messages, engine.spec, job.prompt_options)
+    prompt, plan = engine.prepare(job)
     timings = StageTimings(
         vision_s=vision_s,
         visual_tokens=sum(int(image.shape[0]) for image in images),
         embedding_bytes=sum(image.numel() * image.element_size() for image in images),
     )
     first_token_at: float | None = None
-    async for delta in engine.generate(job.request_id, prompt, images, job.sampling, job.priority):
+    async for delta in engine.generate(job.request_id, prompt, images, plan, job.priority):
         now = time.monotonic()
         if first_token_at is None:
             first_token_at = now

@@ -50,6 +50,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     parser.add_argument("--scheduling-policy", choices=("fcfs", "priority"), default="fcfs",
                         help="language engines' scheduling: fcfs, or priority (honours each request's `priority`)")
     parser.add_argument("--max-num-seqs", type=int, default=64, help="requests a language replica decodes together")
+    parser.add_argument("--tool-call-parser", metavar="NAME", help="vLLM tool-call parser (e.g. hermes), or none; "
+                        "default: auto, chosen from the checkpoint (hermes for the Qwen-based members)")
+    parser.add_argument("--reasoning-parser", metavar="NAME", help="vLLM reasoning parser (e.g. qwen3, deepseek_r1), "
+                        "or none; default: auto (qwen3 when the chat template has an enable_thinking switch)")
     parser.add_argument("--api-key", action="append", default=[], metavar="KEY",
                         help=f"accepted bearer key (repeatable; ${API_KEYS_ENV}, comma-separated, keeps keys out of "
                         "the process list); none turns authentication off")
@@ -127,6 +131,7 @@ def config_from_args(args: argparse.Namespace):
         "max_images_per_request": args.max_images_per_request,
         "max_num_seqs": args.max_num_seqs,
         "scheduling_policy": args.scheduling_policy,
+        **_given({"tool_call_parser": args.tool_call_parser, "reasoning_parser": args.reasoning_parser}),
         "vision_pool": _pool(args, "vision"),
         "language_pool": _pool(args, "lm"),
         "image_fetch": {"allow_private_networks": args.allow_private_image_urls},

@@ -124,6 +124,14 @@ class ServeConfig(FrozenConfig):
     scheduling_policy: Literal["fcfs", "priority"] = Field(
         default="fcfs", description="Language engines' scheduling: first come first served, or by request `priority`."
     )
+    tool_call_parser: str | None = Field(
+        default=LanguageEngineConfig.model_fields["tool_call_parser"].default,
+        description=LanguageEngineConfig.model_fields["tool_call_parser"].description,
+    )
+    reasoning_parser: str | None = Field(
+        default=LanguageEngineConfig.model_fields["reasoning_parser"].default,
+        description=LanguageEngineConfig.model_fields["reasoning_parser"].description,
+    )
     embeddings_wait_s: float = Field(
         default=60.0, gt=0, description="How long a language replica waits for a request's images."
     )
@@ -211,6 +219,8 @@ class ServeConfig(FrozenConfig):
             gpu_memory_utilization=self.gpu_memory_utilization,
             enable_prefix_caching=self.enable_prefix_caching,
             scheduling_policy=self.scheduling_policy,
+            tool_call_parser=_unless_none(self.tool_call_parser),
+            reasoning_parser=_unless_none(self.reasoning_parser),
         )
 
     def language_worker_config(self, grpc_host: str) -> LanguageWorkerConfig:
@@ -241,3 +251,8 @@ class ServeConfig(FrozenConfig):
         reserved = sum(pool.num_cpus * pool.replicas for pool in self.pools.values())
         wanted = self.embedded_num_cpus if self.embedded_num_cpus is not None else machine_cpus
         return max(wanted, math.ceil(reserved))
+
+
+def _unless_none(parser_name: str | None) -> str | None:
+    """A parser setting, with the word "none" (as on the command line) meaning no parser."""
+    return None if parser_name is None or parser_name.lower() == "none" else parser_name

@@ -4,6 +4,7 @@ serve config the Ray tests use, and a monolithic vLLM reference run."""
 from __future__ import annotations
 
 import base64
+import contextlib
 import gc
 import io
 import select
@@ -13,7 +14,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -186,6 +187,24 @@ def ray_test_config(model, topology: str = "dvd", vision_replicas: int = 2, **se
         grpc_auth_token="pipeline-test-token",
         **settings,
     )
+
+
+@contextlib.contextmanager
+def running(*servers: "ServerProcess", timeout_s: float = 600) -> Iterator[tuple["ServerProcess", ...]]:
+    """Waits until every server answers its readiness path (else fails with their logs), yields them, and stops
+    them all on the way out."""
+    try:
+        deadline = time.monotonic() + timeout_s
+        pending = list(servers)
+        while pending and time.monotonic() < deadline:
+            pending = [server for server in pending if not server.is_ready()]
+            time.sleep(1)
+        if pending:
+            pytest.fail("not ready in time: " + "; ".join(f"{s.name}:\n{s.log_tail()}" for s in pending))
+        yield servers
+    finally:
+        for server in reversed(servers):
+            server.stop()
 
 
 class ServerProcess:

@@ -343,7 +343,13 @@ def test_tokenizer_special_tokens_and_image_text_are_stable() -> None:
     tokenizer = tok.build_tokenizer()
     ids = tok.special_token_ids()
     size = tokenizer.get_vocab_size()
-    assert sorted(ids.values()) == list(range(size - len(tok.SPECIAL_TOKENS), size))
+    markup = len(tok.MARKUP_TOKENS)
+    assert sorted(ids.values()) == list(range(size - markup - len(tok.SPECIAL_TOKENS), size - markup))
+    # Tool and thinking markup: one token each, not special, so decoding keeps them (as Qwen3's tokenizer does).
+    for position, token in enumerate(tok.MARKUP_TOKENS):
+        assert tokenizer.encode(token).ids == [size - markup + position]
+    call = "<tool_call>\n{}\n</tool_call>"
+    assert tokenizer.decode(tokenizer.encode(call).ids, skip_special_tokens=True) == call
     assert SHAPES["tiny"].language.vocab_rows(size) == TINY_VOCAB_ROWS
     for token, token_id in ids.items():
         assert tokenizer.encode(token).ids == [token_id]

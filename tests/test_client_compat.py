@@ -4,19 +4,22 @@ at temperature 0, the same answer (text and token counts).
 
 One pair of servers per checkpoint format, shared by every case of the module. Neither is given a context length:
 both take the checkpoint's own. Every case sets `max_tokens`, so none runs to the end of the context.
+
+Random weights wander: inside a JSON grammar they write whitespace until the token budget ends. Cases that need a
+finished tool call therefore forbid the whitespace-only tokens with `logit_bias` (on both servers alike) and ask
+for a single call (`parallel_tool_calls=false`), so the grammar ends the call.
 """
 
 from __future__ import annotations
 
 import json
 import sys
-import time
 from pathlib import Path
 
 import openai
 import pytest
 
-from tests.dvd_fixtures import ServerProcess, data_url, free_port, synthetic_image
+from tests.dvd_fixtures import ServerProcess, data_url, free_port, running, synthetic_image
 
 pytestmark = pytest.mark.slow
 READY_TIMEOUT_S = 600
@@ -49,21 +52,13 @@ def server_pair(request, session_tmp):
         "vllm",
         [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model, "--dtype", "float32",
          "--enforce-eager", "--seed", "0", "--host", "127.0.0.1", "--port", str(reference_port := free_port()),
-         "--limit-mm-per-prompt", '{"image": 4}', *(["--trust-remote-code"] if fmt == "chat" else [])],
+         "--limit-mm-per-prompt", '{"image": 4}', *(["--trust-remote-code"] if fmt == "chat" else []),
+         # dvd-serve picks hermes by itself for the Qwen-based checkpoints; vLLM's server is told.
+         "--enable-auto-tool-choice", "--tool-call-parser", "hermes"],
         reference_port, "/health", session_tmp / f"vllm-compat-{fmt}.log",
     )
-    try:
-        deadline = time.monotonic() + READY_TIMEOUT_S
-        pending = [ours, reference]
-        while pending and time.monotonic() < deadline:
-            pending = [server for server in pending if not server.is_ready()]
-            time.sleep(1)
-        if pending:
-            pytest.fail("not ready in time: " + "; ".join(f"{s.name}:\n{s.log_tail()}" for s in pending))
+    with running(ours, reference, timeout_s=READY_TIMEOUT_S):
         yield ours.client(max_retries=0), reference.client(max_retries=0)
-    finally:
-        reference.stop()
-        ours.stop()
 
 
 def _outcome(client: openai.OpenAI, messages: list, **fields) -> tuple[str, object]:
@@ -283,3 +278,152 @@ def test_invalid_constraints_are_a_4xx_on_both(server_pair, case):
     status, _ = _same(server_pair, [{"role": "user", "content": "Hi"}], **BAD_CONSTRAINTS[case])
     assert status == "4xx"
     assert _outcome(server_pair[0], [{"role": "user", "content": "Hi"}])[0] == "2xx"
+
+
+
+# ---- tools, through vLLM's hermes tool parser and its structural-tag constraint on both servers ----
+
+TOOLS = [
+    {"type": "function", "function": {"name": "click", "description": "Click a button.", "strict": True, "parameters": {
+        "type": "object", "properties": {"button": {"type": "string", "enum": ["ok", "cancel"]}},
+        "required": ["button"], "additionalProperties": False}}},
+    {"type": "function", "function": {"name": "scroll", "parameters": {
+        "type": "object", "properties": {"down": {"type": "boolean"}}, "required": ["down"]}}},
+]
+# Strict tools: their arguments are held to the schema too, so a forced call ends (see the module's note).
+STRICT_TOOLS = [TOOLS[0], {"type": "function", "function": {**TOOLS[1]["function"], "strict": True, "parameters": {
+    **TOOLS[1]["function"]["parameters"], "additionalProperties": False}}}]
+TOOL_CHOICES = {
+    "auto": {},
+    "none": dict(tool_choice="none"),
+    "required": dict(tool_choice="required"),
+    "named": dict(tool_choice={"type": "function", "function": {"name": "scroll"}}),
+    "required_single": dict(tool_choice="required", parallel_tool_calls=False),
+}
+
+
+@pytest.fixture(scope="module")
+def compact_json(tiny_chat_checkpoint) -> dict[str, int]:
+    """`logit_bias` forbidding every whitespace-only token (both formats share the tokenizer)."""
+    from tokenizers import Tokenizer
+
+    tokenizer = Tokenizer.from_file(str(tiny_chat_checkpoint / "tokenizer.json"))
+    return {str(token): -100 for token in range(tokenizer.get_vocab_size()) if not tokenizer.decode([token]).strip()}
+
+
+def _tool_answer(client: openai.OpenAI, messages: list, stream: bool, **fields) -> tuple:
+    """(finish_reason, content, [(name, arguments)]) of one answer, summed over its chunks when streamed."""
+    model = client.models.list().data[0].id
+    fields = {"temperature": 0.0, "max_tokens": 40, "tools": TOOLS, **fields}
+    if not stream:
+        choice = client.chat.completions.create(model=model, messages=messages, **fields).choices[0]
+        calls = [(call.function.name, call.function.arguments) for call in choice.message.tool_calls or ()]
+        return choice.finish_reason, choice.message.content or "", calls
+    content, calls, finish = "", {}, None
+    for chunk in client.chat.completions.create(model=model, messages=messages, stream=True, **fields):
+        for choice in chunk.choices:
+            content += choice.delta.content or ""
+            for call in choice.delta.tool_calls or ():
+                entry = calls.setdefault(call.index, ["", ""])
+                entry[0] += (call.function.name or "") if call.function else ""
+                entry[1] += (call.function.arguments or "") if call.function else ""
+            finish = choice.finish_reason or finish
+    return finish, content, [tuple(entry) for _, entry in sorted(calls.items())]
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
+@pytest.mark.parametrize("choice", list(TOOL_CHOICES))
+def test_tool_choices_give_vllms_answer(server_pair, choice, stream):
+    messages = [{"role": "user", "content": [_image(IMAGE_A), _text("Press the button.")]}]
+    ours, reference = server_pair
+    expected = _tool_answer(reference, messages, stream, **TOOL_CHOICES[choice])
+    assert _tool_answer(ours, messages, stream, **TOOL_CHOICES[choice]) == expected
+
+
+@pytest.mark.parametrize("choice, finish", [("required", "tool_calls"),
+                                            ({"type": "function", "function": {"name": "click"}}, "stop")],
+                         ids=["required", "named"])
+def test_a_forced_call_meets_its_schema(server_pair, compact_json, choice, finish):
+    messages = [{"role": "user", "content": "Press ok."}]
+    answers = [_tool_answer(client, messages, False, tools=STRICT_TOOLS, tool_choice=choice, parallel_tool_calls=False,
+                            logit_bias=compact_json, max_tokens=80) for client in server_pair]
+    assert answers[0] == answers[1]
+    reason, _, calls = answers[0]
+    assert reason == finish and len(calls) == 1
+    name, arguments = calls[0]
+    assert name in ("click", "scroll") if choice == "required" else name == "click"
+    arguments = json.loads(arguments)
+    assert arguments in ({"button": "ok"}, {"button": "cancel"}) if name == "click" else (
+        list(arguments) == ["down"] and isinstance(arguments["down"], bool))
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
+def test_an_agent_loop_with_the_official_client(server_pair, compact_json, stream):
+    """Screenshot -> forced tool call -> tool result -> next turn, three rounds, history as the SDK builds it."""
+    transcripts = []
+    for client in server_pair:
+        model = client.models.list().data[0].id
+        messages: list = [{"role": "user", "content": [_image(IMAGE_A), _text("Close the dialog.")]}]
+        transcript = []
+        for round_index in range(3):
+            fields = dict(model=model, messages=messages, temperature=0.0, max_tokens=80, tools=STRICT_TOOLS,
+                          tool_choice="required", parallel_tool_calls=False, logit_bias=compact_json)
+            if stream:
+                content, calls, finish = "", {}, None
+                for chunk in client.chat.completions.create(stream=True, **fields):
+                    for choice in chunk.choices:
+                        content += choice.delta.content or ""
+                        for call in choice.delta.tool_calls or ():
+                            entry = calls.setdefault(call.index, {"id": "", "name": "", "arguments": ""})
+                            entry["id"] += call.id or ""
+                            entry["name"] += call.function.name or ""
+                            entry["arguments"] += call.function.arguments or ""
+                        finish = choice.finish_reason or finish
+                made = [{"id": entry["id"], "type": "function",
+                         "function": {"name": entry["name"], "arguments": entry["arguments"]}}
+                        for entry in calls.values()]
+                messages.append({"role": "assistant", "content": content or None, "tool_calls": made})
+            else:
+                choice = client.chat.completions.create(**fields).choices[0]
+                finish, content = choice.finish_reason, choice.message.content or ""
+                made = [call.model_dump() for call in choice.message.tool_calls or ()]
+                messages.append(choice.message)  # the SDK's message object, as its examples do
+            assert finish == "tool_calls" and len(made) == 1, (round_index, finish, content)
+            call = made[0]
+            json.loads(call["function"]["arguments"])
+            transcript.append((call["function"]["name"], call["function"]["arguments"], content))
+            messages.append({"role": "tool", "tool_call_id": call["id"],
+                             "content": json.dumps({"round": round_index, "done": round_index == 2})})
+        transcripts.append(transcript)
+    assert transcripts[0] == transcripts[1]
+
+
+def test_reasoning_controls_are_mapped_as_vllm_maps_them(server_pair):
+    """The checkpoint's template (like the published InternVL3.5 one) has no thinking switch: vLLM renders the same
+    prompt, so the answers are equal and nothing is refused."""
+    messages = [{"role": "user", "content": "Hi"}]
+    assert _same(server_pair, messages, reasoning_effort="low")[0] == "2xx"
+    assert _same(server_pair, messages, extra_body={"chat_template_kwargs": {"enable_thinking": True},
+                                                    "include_reasoning": False})[0] == "2xx"
+
+
+BAD_TOOLS = {
+    "named_tool_not_in_tools": dict(tools=TOOLS, tool_choice={"type": "function", "function": {"name": "type"}}),
+    "tool_choice_without_tools": dict(tool_choice="required"),
+    "empty_tools": dict(tools=[]),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_TOOLS))
+def test_bad_tool_requests_are_a_4xx_on_both(server_pair, case):
+    status, _ = _same(server_pair, [{"role": "user", "content": "Hi"}], **BAD_TOOLS[case])
+    assert status == "4xx"
+
+
+def test_tool_input_vllm_would_accept_and_fail_on_later_is_a_400_here(server_pair):
+    ours, _ = server_pair
+    orphan_result = [{"role": "user", "content": "Hi"}, {"role": "tool", "tool_call_id": "call-9", "content": "1"}]
+    assert _outcome(ours, orphan_result)[0] == "4xx"
+    not_an_object = [{"type": "function", "function": {"name": "f", "parameters": {"type": "string"}}}]
+    assert _outcome(ours, [{"role": "user", "content": "Hi"}], tools=not_an_object)[0] == "4xx"
+    assert _outcome(ours, [{"role": "user", "content": "Hi"}])[0] == "2xx"

@@ -14,7 +14,6 @@ import pytest
 from dvd_serve.common.chat import ChatJob, ChatMessage, ImagePart, SamplingConfig, TextPart
 from dvd_serve.lm_worker.context_budget import prompt_token_count
 from dvd_serve.lm_worker.engine import LanguageEngineConfig
-from dvd_serve.lm_worker.prompt import render_prompt
 from dvd_serve.lm_worker.worker import LanguageWorker, LanguageWorkerConfig
 from dvd_serve.vision_worker.encoder import VisionEncoderConfig
 from dvd_serve.vision_worker.worker import VisionWorker, VisionWorkerConfig
@@ -46,7 +45,7 @@ async def _decoupled_tokens(model: str, jobs: list[ChatJob]) -> tuple[list[list[
     ), on_engine_death=lambda: None)
     vision = VisionWorker.load(VisionWorkerConfig(encoder=VisionEncoderConfig(model=model, dtype="float32")))
     try:
-        prompts = [render_prompt(lm.engine.model_config, lm.engine.tokenizer, job.messages, lm.engine.spec) for job in jobs]
+        prompts = [lm.engine.prepare(job)[0] for job in jobs]
 
         async def one(job: ChatJob, prompt: str) -> tuple[list[int], list[int]]:
             outcome_task = asyncio.create_task(vision.process(job.request_id, job.images, lm.grpc_address))

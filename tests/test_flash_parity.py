@@ -19,7 +19,6 @@ from dvd_serve.common.chat import ChatJob, ChatMessage, Detail, ImagePart, Sampl
 from dvd_serve.common.checkpoint.spec import CheckpointSpec
 from dvd_serve.common.checkpoint.weights import load_tensors
 from dvd_serve.lm_worker.engine import LanguageEngineConfig
-from dvd_serve.lm_worker.prompt import render_prompt
 from dvd_serve.lm_worker.worker import LanguageWorker, LanguageWorkerConfig
 from dvd_serve.vision_worker.encoder import VisionEncoderConfig
 from dvd_serve.vision_worker.worker import VisionWorker, VisionWorkerConfig
@@ -181,7 +180,7 @@ def test_decoupled_flash_greedy_tokens_equal_transformers_reference(tiny_flash_c
                     messages=(ChatMessage("user", _parts(tiles, images) + (TextPart("What is shown?"),)),),
                     sampling=SamplingConfig(max_tokens=MAX_TOKENS, temperature=0.0, ignore_eos=True),
                 )
-                prompt = render_prompt(lm.engine.model_config, lm.engine.tokenizer, job.messages, lm.engine.spec)
+                prompt = lm.engine.prepare(job)[0]
                 push = asyncio.create_task(vision.process(job.request_id, job.images, lm.grpc_address))
                 tokens = [t async for delta in lm.generate(job, len(job.images)) for t in delta.token_ids]
                 await push

@@ -14,7 +14,7 @@ import openai
 import pytest
 from pydantic import SecretStr
 
-from dvd_serve.common.chat import Detail, ImagePart, TextPart
+from dvd_serve.common.chat import Detail, GenerationDelta, ImagePart, TextPart
 from dvd_serve.common.errors import InvalidRequestError, OverloadedError, UpstreamError
 from dvd_serve.server.api import create_app
 from dvd_serve.server.gateway_config import GatewayConfig
@@ -249,6 +249,7 @@ async def test_fields_clients_send_by_default_are_accepted(client):
 
 # ---------- early 400s: decided before the pipeline sees anything ----------
 
+TOOL = {"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {}}}}
 EARLY_REJECTIONS = [
     ("n above the bound", chat_body(n=17), "n", "invalid_value"),
     ("n 0", chat_body(n=0), "n", "invalid_value"),
@@ -277,11 +278,38 @@ EARLY_REJECTIONS = [
      "invalid_value"),
     ("template kwargs set tokenize", chat_body(chat_template_kwargs={"tokenize": True}),
      "chat_template_kwargs.tokenize", "invalid_value"),
-    ("assistant tool_calls history", {"model": MODEL, "messages": [
+    ("tool result answering no call", {"model": MODEL, "messages": [
         {"role": "user", "content": "a"},
         {"role": "assistant", "content": None, "tool_calls": [
             {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}]},
-        {"role": "user", "content": "b"}]}, "messages[1].tool_calls", "unsupported_parameter"),
+        {"role": "tool", "tool_call_id": "c2", "content": "42"}]}, "messages[2].tool_call_id", "invalid_value"),
+    ("tool result before the call", {"model": MODEL, "messages": [
+        {"role": "user", "content": "a"}, {"role": "tool", "tool_call_id": "c1", "content": "42"},
+        {"role": "assistant", "content": None, "tool_calls": [
+            {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}]}]},
+     "messages[1].tool_call_id", "invalid_value"),
+    ("tool message without an id", {"model": MODEL, "messages": [{"role": "tool", "content": "x"}]},
+     "messages[0].tool_call_id", "invalid_value"),
+    ("tool_call_id on a user message", {"model": MODEL, "messages": [
+        {"role": "user", "content": "a", "tool_call_id": "c1"}]}, "messages[0].tool_call_id", "invalid_value"),
+    ("reasoning on a user message", {"model": MODEL, "messages": [
+        {"role": "user", "content": "a", "reasoning": "hm"}]}, "messages[0].reasoning", "invalid_value"),
+    ("empty tools", chat_body(tools=[]), "tools", "invalid_value"),
+    ("tool_choice without tools", chat_body(tool_choice="required"), "tool_choice", "invalid_value"),
+    ("named tool not in tools", chat_body(tools=[TOOL], tool_choice={"type": "function", "function": {"name": "g"}}),
+     "tool_choice.function.name", "invalid_value"),
+    ("tool parameters not an object schema", chat_body(tools=[
+        {"type": "function", "function": {"name": "f", "parameters": {"type": "array"}}}]),
+     "tools[0].function.parameters", "invalid_value"),
+    ("tool parameters as a list", chat_body(tools=[
+        {"type": "function", "function": {"name": "f", "parameters": {"items": {}}}}]),
+     "tools[0].function.parameters", "invalid_value"),
+    ("two tools of one name", chat_body(tools=[TOOL, TOOL]), "tools[1].function.name", "invalid_value"),
+    ("tool name with spaces", chat_body(tools=[{"type": "function", "function": {"name": "a b"}}]),
+     "tools[0].function.name", "invalid_value"),
+    ("unknown tool_choice", chat_body(tools=[TOOL], tool_choice="always"), "tool_choice", "invalid_value"),
+    ("legacy functions", chat_body(functions=[{"name": "f"}]), "functions", "unsupported_parameter"),
+    ("reasoning_effort unknown", chat_body(reasoning_effort="extreme"), "reasoning_effort", "invalid_value"),
     ("assistant audio", {"model": MODEL, "messages": [
         {"role": "user", "content": "a"}, {"role": "assistant", "content": "x", "audio": {"id": "a1"}}]},
      "messages[1].audio", "unsupported_parameter"),
@@ -321,11 +349,8 @@ EARLY_REJECTIONS = [
     ("</img> typed", chat_body("a </img>"), "messages[0].content", "reserved_token_in_text"),
     ("<image> typed", chat_body("<image>\nWhat is it?"), "messages[0].content", "reserved_token_in_text"),
     ("unknown field", chat_body(best_of=2), "best_of", "unknown_parameter"),
-    ("tools", chat_body(tools=[{"type": "function", "function": {"name": "f"}}]), "tools", "unsupported_parameter"),
     ("top_logprobs alone", chat_body(top_logprobs=2), "top_logprobs", "invalid_value"),
     ("stream_options alone", chat_body(stream_options={"include_usage": True}), "stream_options", "invalid_value"),
-    ("tool role", {"model": MODEL, "messages": [{"role": "tool", "content": "x"}]}, "messages[0].role",
-     "invalid_value"),
     ("audio part", chat_body([{"type": "input_audio", "input_audio": {"data": "", "format": "wav"}}]),
      "messages[0].content[0]", "invalid_value"),
     ("missing url", chat_body([{"type": "image_url", "image_url": {}}]), "messages[0].content[0].image_url.url",
@@ -708,3 +733,59 @@ async def test_timing_headers(client):
     stream = await client.post("/v1/chat/completions", json=chat_body(stream=True))
     assert stream.headers["x-dvd-vision-ms"] == "125.0"
     assert stream.headers["x-dvd-inference-ms"] == "0.0"  # only the first delta is known when headers go out
+
+
+# ---------- tools and reasoning: what the language side split out reaches the client OpenAI-shaped ----------
+
+CALL = {"id": "chatcmpl-tool-1", "type": "function", "function": {"name": "f", "arguments": '{"x": 1}'}}
+
+
+async def test_tool_request_reaches_the_pipeline_with_its_answer_options(client, double):
+    body = chat_body(tools=[TOOL], tool_choice={"type": "function", "function": {"name": "f"}},
+                     parallel_tool_calls=False, reasoning_effort="low", include_reasoning=False, stream=True)
+    body["messages"] += [
+        {"role": "assistant", "content": None, "reasoning_content": "thought", "tool_calls": [CALL]},
+        {"role": "tool", "tool_call_id": CALL["id"], "content": [{"type": "text", "text": "42"}]},
+    ]
+    response = await client.post("/v1/chat/completions", json=body)
+    assert response.status_code == 200, response.text
+    job = double.jobs[0]
+    assert job.answer.tools == (TOOL,) and job.answer.tool_choice == {"type": "function", "function": {"name": "f"}}
+    assert (job.answer.parallel_tool_calls, job.answer.include_reasoning, job.answer.reasoning_effort,
+            job.answer.streamed) == (False, False, "low", True)
+    assistant, tool = job.messages[1], job.messages[2]
+    assert assistant.tool_calls == (CALL,) and assistant.reasoning == "thought" and assistant.parts == ()
+    assert tool.role == "tool" and tool.tool_call_id == CALL["id"] and tool.parts[0].text == "42"
+
+
+async def test_a_whole_answer_with_tool_calls_and_reasoning(openai_client, double):
+    double.script = [GenerationDelta(token_ids=[1, 2, 3], text="", reasoning="why", tool_calls=[CALL],
+                                     content_null=True, finish_reason="tool_calls", prompt_token_count=9)]
+    answer = await openai_client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "a"}], tools=[TOOL])
+    message = answer.choices[0].message
+    assert answer.choices[0].finish_reason == "tool_calls" and message.content is None
+    assert [(call.id, call.function.name, call.function.arguments) for call in message.tool_calls] == [
+        (CALL["id"], "f", '{"x": 1}')]
+    assert message.model_extra["reasoning"] == message.model_extra["reasoning_content"] == "why"
+
+
+async def test_streamed_tool_call_pieces_and_reasoning_are_chunks(openai_client, double):
+    double.script = [
+        GenerationDelta(token_ids=[1], text="", reasoning="hm", prompt_token_count=9),
+        GenerationDelta(token_ids=[2], text="", tool_calls=[
+            {"index": 0, "id": CALL["id"], "type": "function", "function": {"name": "f"}}]),
+        GenerationDelta(token_ids=[3], text="", tool_calls=[{"index": 0, "function": {"arguments": '{"x": 1}'}}]),
+        GenerationDelta(token_ids=[4], text="", finish_reason="tool_calls"),
+    ]
+    stream = await openai_client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "a"}], tools=[TOOL], stream=True)
+    reasoning, name, arguments, finish = "", "", "", None
+    async for chunk in stream:
+        for choice in chunk.choices:
+            reasoning += (choice.delta.model_extra or {}).get("reasoning") or ""
+            for call in choice.delta.tool_calls or []:
+                name += call.function.name or ""
+                arguments += call.function.arguments or ""
+            finish = choice.finish_reason or finish
+    assert (reasoning, name, arguments, finish) == ("hm", "f", '{"x": 1}', "tool_calls")

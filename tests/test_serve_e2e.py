@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import signal
 import sys
-import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -22,7 +21,7 @@ import openai
 import pytest
 
 from dvd_serve.lm_worker.vllm_plugin import flash_monolithic_overrides
-from tests.dvd_fixtures import ImageOrigin, ServerProcess, data_url, free_port, png_bytes, synthetic_image
+from tests.dvd_fixtures import ImageOrigin, ServerProcess, data_url, free_port, png_bytes, running, synthetic_image
 
 READY_TIMEOUT_S = 420
 MAX_TOKENS = 8
@@ -118,18 +117,8 @@ def servers(tiny_flash_checkpoint, session_tmp):
          "--hf-overrides", json.dumps(flash_monolithic_overrides()), "--limit-mm-per-prompt", '{"image": 4}'],
         reference_port, "/health", session_tmp / "vllm-e2e.log",
     )
-    try:
-        deadline = time.monotonic() + READY_TIMEOUT_S
-        pending = [ours, reference]
-        while pending and time.monotonic() < deadline:
-            pending = [server for server in pending if not server.is_ready()]
-            time.sleep(1)
-        if pending:
-            pytest.fail("not ready in time: " + "; ".join(f"{s.name}:\n{s.log_tail()}" for s in pending))
+    with running(ours, reference, timeout_s=READY_TIMEOUT_S):
         yield ours, reference
-    finally:
-        reference.stop()
-        ours.stop()
 
 
 def _content(images: list[str], text: str) -> list[dict]:

@@ -47,6 +47,7 @@ class CheckpointSpec(FrozenConfig):
     vit_qkv_bias: bool = Field(description="Whether the ViT qkv projection has a bias.")
     llm_hidden: int = Field(description="LLM width = width of every image embedding row.")
     llm_vocab: int = Field(description="Rows of the LLM embedding matrix.")
+    llm_type: str = Field(default="", description="The language model's `model_type` (qwen3, qwen3_moe, gpt_oss...).")
     image_placeholder: str = Field(
         description="Text a prompt carries once per image for vLLM to expand ('<IMG_CONTEXT>' hf, '<image>' chat)."
     )
@@ -152,6 +153,7 @@ def _model_facts(fmt: Literal["hf", "chat"], vision: dict[str, Any], language: d
         facts[field] = vision[key] if default is None else vision.get(key, default)
     facts["llm_hidden"] = language["hidden_size"]
     facts["llm_vocab"] = language["vocab_size"]
+    facts["llm_type"] = str(language.get("model_type", ""))
     return facts
 
 

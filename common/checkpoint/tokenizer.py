@@ -1,7 +1,9 @@
 """Offline byte-level BPE tokenizer and ChatML (`internvl2_5`) chat template for generated checkpoints.
 
 The tokenizer is trained with the `tokenizers` library on a fixed corpus built below, so every run produces the
-same vocabulary without downloads. Ordinary tokens come first; the special tokens follow, as in Qwen's vocabulary.
+same vocabulary without downloads. Ordinary tokens come first; the special tokens follow, then Qwen3's tool and
+thinking markup as plain added tokens, as in Qwen's vocabulary. The chat template is the published InternVL3.5 one
+in behaviour (plain ChatML: tools, tool calls and thinking are not rendered; see docs/tools.md).
 Both checkpoint formats ship the same tokenizer (so the same token ids and embedding rows); they differ only in
 the text the chat template writes for an image (`<IMG_CONTEXT>` for the transformers-native format, `<image>` for
 the original format, where it is plain text that vLLM later expands) and in the processor roles declared in
@@ -15,7 +17,7 @@ import itertools
 import json
 from pathlib import Path
 
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
 END_OF_TEXT = "<|endoftext|>"
 IM_START = "<|im_start|>"
@@ -26,6 +28,9 @@ IMAGE_CONTEXT = "<IMG_CONTEXT>"
 VIDEO = "<video>"
 CHAT_IMAGE_PLACEHOLDER = "<image>"
 SPECIAL_TOKENS = (END_OF_TEXT, IM_START, IM_END, IMAGE_START, IMAGE_END, IMAGE_CONTEXT, VIDEO)
+# Qwen3's tool and thinking markup, added as single tokens that are not special (kept in decoded text), as in the
+# InternVL3.5 tokenizers; vLLM's tool and reasoning parsers look for them.
+MARKUP_TOKENS = ("<tool_call>", "</tool_call>", "<tool_response>", "</tool_response>", "<think>", "</think>")
 
 # Roles the transformers InternVL processor looks up on its tokenizer (tokenizer.start_image_token, ...).
 PROCESSOR_TOKEN_ROLES = {
@@ -76,6 +81,7 @@ def _tokenizer_json() -> str:
     )
     tokenizer.train_from_iterator(_training_corpus(), trainer)
     tokenizer.add_special_tokens(list(SPECIAL_TOKENS))
+    tokenizer.add_tokens([AddedToken(token, special=False, normalized=False) for token in MARKUP_TOKENS])
     return tokenizer.to_str()
 
 

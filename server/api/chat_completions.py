@@ -145,8 +145,9 @@ async def _stream_events(
         delta, logprobs = first
         while delta is not None:
             index = delta.index
-            if delta.text or logprobs:
-                yield data_event(chunks.content(delta.text, logprobs, index, result.choice_usage(index)))
+            if delta.text or logprobs or delta.reasoning or delta.tool_calls:
+                yield data_event(chunks.content(delta.text, logprobs, index, result.choice_usage(index),
+                                                delta.reasoning, delta.tool_calls))
             if delta.finish_reason is not None:
                 yield data_event(chunks.finish(delta.finish_reason, index, result.choice_usage(index)))
             delta = await deltas.next()

@@ -17,6 +17,7 @@ from dvd_serve.server.api.protocol import (
     ChunkDelta,
     TokenLogprob,
     PromptTokensDetails,
+    ToolCallOut,
     TopLogprob,
     Usage,
 )
@@ -54,6 +55,9 @@ class ChoiceResult:
     """What one choice (`index`) has produced so far."""
 
     text_pieces: list[str] = field(default_factory=list)
+    reasoning_pieces: list[str] = field(default_factory=list)
+    tool_calls: list[dict] = field(default_factory=list)  # whole calls (non-streamed answers carry them at the end)
+    content_null: bool = False
     logprobs: list[TokenLogprob] = field(default_factory=list)
     finish_reason: str | None = None
     tokens: int = 0
@@ -85,10 +89,15 @@ class CompletionAccumulator:
             self.cached_prompt_tokens = delta.cached_prompt_tokens
         if delta.timings is not None:
             self.timings = delta.timings
-        if delta.text and self.first_content_at is None:
+        if (delta.text or delta.reasoning or delta.tool_calls) and self.first_content_at is None:
             self.first_content_at = now
         choice = self.choices[delta.index]
         choice.text_pieces.append(delta.text)
+        if delta.reasoning:
+            choice.reasoning_pieces.append(delta.reasoning)
+        if delta.tool_calls:
+            choice.tool_calls.extend(delta.tool_calls)
+        choice.content_null = choice.content_null or delta.content_null
         self.completion_tokens += len(delta.token_ids)
         choice.tokens += len(delta.token_ids)
         if delta.token_ids:
@@ -128,13 +137,23 @@ def completion_response(
     choices = [
         Choice(
             index=index,
-            message=AssistantMessage(content="".join(choice.text_pieces)),
+            message=_message(choice),
             logprobs=ChoiceLogprobs(content=choice.logprobs) if result.top_logprobs is not None else None,
             finish_reason=choice.finish_reason or "stop",
         )
         for index, choice in enumerate(result.choices)
     ]
     return ChatCompletionResponse(id=request_id, created=created, model=model, choices=choices, usage=result.usage)
+
+
+def _message(choice: ChoiceResult) -> AssistantMessage:
+    """As vLLM: content null when the parser found none (tool calls or reasoning only); reasoning under both of its
+    names."""
+    content = "".join(choice.text_pieces)
+    reasoning = "".join(choice.reasoning_pieces) or None
+    calls = [ToolCallOut.model_validate(call) for call in choice.tool_calls] or None
+    return AssistantMessage(content=None if choice.content_null and not content else content, tool_calls=calls,
+                            reasoning=reasoning, reasoning_content=reasoning)
 
 
 @dataclass(frozen=True, slots=True)
@@ -158,9 +177,16 @@ class ChunkFactory:
                                self._running(usage))
 
     def content(self, text: str, logprobs: list[TokenLogprob] | None, index: int = 0,
-                usage: Usage | None = None) -> str:
+                usage: Usage | None = None, reasoning: str = "", tool_calls: list[dict] | None = None) -> str:
+        """A delta chunk; as vLLM, only the parts present appear (`content` stays when nothing else is there)."""
         choice_logprobs = ChoiceLogprobs(content=logprobs) if logprobs is not None else None
-        return self._serialise([ChunkChoice(index=index, delta=ChunkDelta(content=text), logprobs=choice_logprobs)],
+        delta = ChunkDelta(
+            content=text if text or not (reasoning or tool_calls) else None,
+            reasoning=reasoning or None,
+            reasoning_content=reasoning or None,
+            tool_calls=tool_calls or None,
+        )
+        return self._serialise([ChunkChoice(index=index, delta=delta, logprobs=choice_logprobs)],
                                self._running(usage))
 
     def finish(self, finish_reason: str, index: int = 0, usage: Usage | None = None) -> str:

@@ -13,7 +13,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from dvd_serve.common.chat import (
-    ChatJob, ChatMessage, Detail, ImagePart, PromptOptions, SamplingConfig, TextPart,
+    AnswerOptions, ChatJob, ChatMessage, Detail, ImagePart, PromptOptions, SamplingConfig, TextPart,
 )
 from dvd_serve.common.errors import InvalidRequestError
 from dvd_serve.server.api.image_refs import check_image_reference
@@ -39,18 +39,14 @@ def _unset(value: Any) -> bool:
     return any(value == nothing and type(value) is type(nothing) for nothing in _NOT_USED)
 
 
-_NO_TOOLS = "this server has no tool calling"
+_LEGACY_FUNCTIONS = "the deprecated function-call form is not supported; use 'tools'"
 # Features of OpenAI and of vLLM's chat API that dvd-serve does not implement: the test for the values that mean
 # "not used" (None is always fine; vLLM's own default is always one of them) and why any other value is refused.
 REFUSED_FEATURES: Mapping[str, tuple[Callable[[Any], bool], str]] = {
-    "tools": (_unset, _NO_TOOLS),
-    "functions": (_unset, _NO_TOOLS),
-    "tool_choice": (_only("none", "auto"), _NO_TOOLS),  # without tools both mean a plain text answer
-    "function_call": (_only("none", "auto"), _NO_TOOLS),
+    "functions": (_unset, _LEGACY_FUNCTIONS),
+    "function_call": (_only("none", "auto"), _LEGACY_FUNCTIONS),
     "modalities": (lambda value: value == ["text"], "only text output is supported"),
-    "reasoning_effort": (lambda value: False, "reasoning controls are not supported"),
-    "thinking_token_budget": (_unset, "reasoning controls are not supported"),
-    "include_reasoning": (_only(True), "reasoning controls are not supported"),
+    "thinking_token_budget": (_unset, "a thinking-token budget is not supported"),
     "use_beam_search": (_unset, "beam search is not supported"),
     "length_penalty": (_only(1, 1.0), "it applies to beam search, which is not supported"),
     "watermarking": (_unset, "watermarking is not supported"),
@@ -82,6 +78,8 @@ RESPONSE_FORMAT_TYPES = ("text", "json_object", "json_schema", "structural_tag")
 MM_PROCESSOR_KWARGS = ("max_dynamic_patch",)
 # Roles whose messages may carry no `content` (OpenAI allows it for assistant messages with tool calls).
 _CONTENT_OPTIONAL_ROLES = ("assistant",)
+# Keys of a tool's JSON schema that make it something other than an object schema when `type` is absent.
+_NON_OBJECT_SCHEMA_KEYS = ("items", "enum", "const", "prefixItems")
 
 
 class ModelNotFoundError(InvalidRequestError):
@@ -98,6 +96,7 @@ def build_chat_job(
         raise ModelNotFoundError("The model does not exist.", code="model_not_found", param="model")
     _check_unsupported_features(request)
     sampling = build_sampling(request, config, max_model_len)
+    answer = build_answer_options(request)
     max_tiles = _request_max_tiles(request, config)
     messages = build_messages(request.messages, config, max_tiles)
     return ChatJob(
@@ -107,7 +106,49 @@ def build_chat_job(
         deadline_s=config.request_timeout_s,
         prompt_options=build_prompt_options(request),
         priority=request.priority,
+        answer=answer,
     )
+
+
+def build_answer_options(request: ChatCompletionRequest) -> AnswerOptions:
+    """Tools, tool choice and reasoning settings, checked as vLLM's request model checks them and more strictly
+    where vLLM would fail later (a tool schema that is not an object, duplicate tool names)."""
+    tools = request.tools
+    if tools is not None and not tools:
+        raise _invalid("'tools' must not be an empty array; omit it instead.", "tools")
+    names: set[str] = set()
+    for index, tool in enumerate(tools or ()):
+        param = f"tools[{index}].function"
+        if tool.function.name in names:
+            raise _invalid(f"Two tools are named '{tool.function.name}'.", f"{param}.name")
+        names.add(tool.function.name)
+        _check_object_schema(tool.function.parameters, f"{param}.parameters")
+    choice = request.tool_choice
+    if choice is not None and choice != "none" and not tools:
+        raise _invalid("'tool_choice' needs 'tools'.", "tool_choice")
+    if choice is not None and not isinstance(choice, str) and choice.function.name not in names:
+        raise _invalid(f"'tool_choice' names '{choice.function.name}', which is not in 'tools'.",
+                       "tool_choice.function.name")
+    return AnswerOptions(
+        tools=tuple(tool.model_dump(exclude_unset=True) for tool in tools or ()),
+        tool_choice=choice if isinstance(choice, str) or choice is None else choice.model_dump(),
+        parallel_tool_calls=request.parallel_tool_calls,
+        include_reasoning=request.include_reasoning,
+        reasoning_effort=request.reasoning_effort,
+        streamed=request.stream,
+    )
+
+
+def _check_object_schema(schema: dict[str, Any] | None, param: str) -> None:
+    if schema is None:
+        return
+    kind = schema.get("type")
+    if kind is None and not any(key in schema for key in _NON_OBJECT_SCHEMA_KEYS):
+        return  # {} or {"properties": ...}: an object schema by what it describes
+    if kind != "object":
+        raise _invalid("A tool's 'parameters' must be a JSON schema of type 'object'.", param)
+    if not isinstance(schema.get("properties", {}), dict):
+        raise _invalid("A tool's 'parameters.properties' must be an object.", f"{param}.properties")
 
 
 def build_prompt_options(request: ChatCompletionRequest) -> PromptOptions:
@@ -261,10 +302,11 @@ def build_messages(
     _check_tile_cap(request_max_tiles, "max_tiles", config)
     text_chars = 0
     built: list[ChatMessage] = []
+    call_ids: set[str] = set()
     for message_index, message in enumerate(messages):
         param = f"messages[{message_index}].content"
         role = message.role
-        _check_assistant_fields(message, f"messages[{message_index}]")
+        _check_role_fields(message, f"messages[{message_index}]", call_ids)
         if message.content is None:
             if role not in _CONTENT_OPTIONAL_ROLES:
                 raise _invalid(f"A {role} message needs 'content'.", param)
@@ -277,7 +319,14 @@ def build_messages(
                 for part_index, part in enumerate(message.content)
             )
         text_chars += sum(len(part.text) for part in parts if isinstance(part, TextPart))
-        built.append(ChatMessage(role=role, parts=parts, name=message.name))
+        built.append(ChatMessage(
+            role=role,
+            parts=parts,
+            name=message.name,
+            tool_calls=tuple(call.model_dump() for call in message.tool_calls) if message.tool_calls else None,
+            reasoning=message.reasoning if message.reasoning is not None else message.reasoning_content,
+            tool_call_id=message.tool_call_id,
+        ))
     if text_chars > config.max_text_chars:
         raise _invalid(
             f"The messages' text is too long (at most {config.max_text_chars} characters).", "messages",
@@ -286,20 +335,28 @@ def build_messages(
     return tuple(built)
 
 
-def _check_assistant_fields(message: ChatMessageIn, param: str) -> None:
-    """Refuses what the SDK may send back that this server cannot render (tool calls are issue #16's work)."""
+_ASSISTANT_ONLY_FIELDS = ("refusal", "annotations", "audio", "function_call", "tool_calls", "reasoning",
+                          "reasoning_content")
+
+
+def _check_role_fields(message: ChatMessageIn, param: str, call_ids: set[str]) -> None:
+    """Fields allowed by role; a tool message must answer a call made earlier (`call_ids`, updated here)."""
+    if message.role == "tool":
+        if message.tool_call_id is None:
+            raise _invalid("A tool message needs 'tool_call_id'.", f"{param}.tool_call_id")
+        if message.tool_call_id not in call_ids:
+            raise _invalid(f"'tool_call_id' {message.tool_call_id[:64]!r} answers no earlier assistant tool call.",
+                           f"{param}.tool_call_id")
+    elif message.tool_call_id is not None:
+        raise _invalid("'tool_call_id' is only allowed in tool messages.", f"{param}.tool_call_id")
     if message.role != "assistant":
-        for name in ("refusal", "annotations", "audio", "function_call", "tool_calls"):
+        for name in _ASSISTANT_ONLY_FIELDS:
             if getattr(message, name) is not None:
                 raise _invalid(f"'{name}' is only allowed in assistant messages.", f"{param}.{name}")
         return
-    if message.tool_calls:
-        raise _invalid(
-            "Assistant messages with 'tool_calls' are not supported: this server has no tool calling.",
-            f"{param}.tool_calls", code="unsupported_parameter",
-        )
+    call_ids.update(call.id for call in message.tool_calls or ())
     if message.function_call is not None:
-        raise _invalid("'function_call' is not supported: this server has no tool calling.",
+        raise _invalid("'function_call' is not supported: it is the deprecated form of 'tool_calls'.",
                        f"{param}.function_call", code="unsupported_parameter")
     if message.audio is not None:
         raise _invalid("'audio' is not supported: this server has no audio.", f"{param}.audio",

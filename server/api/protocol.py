@@ -4,11 +4,11 @@ own chat `ChatCompletionRequest` (vllm/entrypoints/openai/chat_completion/protoc
 Unknown-field policy (a request carrying any other field is a 400 with `param` naming it, as OpenAI answers):
 - OpenAI fields and vLLM's extra fields dvd-serve implements are validated and honoured as vLLM honours them.
 - OpenAI bookkeeping fields that change nothing in the answer (`user`, `metadata`, `store`, `service_tier`,
-  `safety_identifier`, `prompt_cache_key`, `parallel_tool_calls`, `stream_options.include_obfuscation`, vLLM's
-  `session_id`) are accepted and ignored, because common clients send them by default.
+  `safety_identifier`, `prompt_cache_key`, `stream_options.include_obfuscation`, vLLM's `session_id`) are accepted
+  and ignored, because common clients send them by default.
 - Assistant messages accept every field the OpenAI SDK sends back (`refusal`, `annotations`, `audio`,
-  `function_call`, `tool_calls`); `audio`, `function_call` and a non-empty `tool_calls` are refused with a 400 that
-  says why (this server has no audio and no tool calling).
+  `function_call`, `tool_calls`, vLLM's `reasoning` / `reasoning_content`); `audio` and the deprecated
+  `function_call` are refused with a 400 that says why.
 - OpenAI and vLLM features dvd-serve lacks are declared so they are recognised, and accepted only at the value
   meaning "not used"; any other value is a 400 saying why (see `job_builder.REFUSED_FEATURES`).
 - dvd-serve's own fields sit in a marked block below.
@@ -124,20 +124,36 @@ StopSequences = Annotated[
 ]
 
 
+class FunctionCallIn(RequestModel):
+    name: str = Field(min_length=1)
+    arguments: str = Field(description="The call's arguments as JSON text (an object), as the API returned them.")
+
+
+class ToolCallIn(RequestModel):
+    id: str = Field(min_length=1, description="Matched by the `tool_call_id` of the tool message answering it.")
+    type: Literal["function"] = "function"
+    function: FunctionCallIn
+
+
 class ChatMessageIn(RequestModel):
-    role: Literal["system", "developer", "user", "assistant"] = Field(
+    role: Literal["system", "developer", "user", "assistant", "tool"] = Field(
         description="`developer` becomes `system` when the chat template has no developer role (as in vLLM). "
-        "Images are allowed in user messages only."
+        "Images are allowed in user messages only; a `tool` message answers an earlier assistant tool call."
     )
     content: MessageContent | None = Field(default=None, description="Required except in assistant messages.")
     name: str | None = Field(default=None, description="Passed to the chat template, as vLLM does.")
+    tool_call_id: str | None = Field(default=None, description="Tool messages: the id of the call answered.")
 
     # --- assistant fields the OpenAI SDK sends back with `choices[i].message` ---
     refusal: str | None = Field(default=None, description="Accepted and not rendered (as in vLLM).")
     annotations: list[dict[str, Any]] | None = Field(default=None, description="Accepted and ignored.")
     audio: dict[str, Any] | None = Field(default=None, description="Only null: this server has no audio output.")
-    function_call: dict[str, Any] | None = Field(default=None, description="Only null: no tool calling yet.")
-    tool_calls: list[dict[str, Any]] | None = Field(default=None, description="Only null or empty: no tool calling yet.")
+    function_call: dict[str, Any] | None = Field(
+        default=None, description="Only null: the deprecated function-call form; use `tool_calls`."
+    )
+    tool_calls: list[ToolCallIn] | None = Field(default=None, description="The calls this assistant turn made.")
+    reasoning: str | None = Field(default=None, description="vLLM: the turn's reasoning, given to the template.")
+    reasoning_content: str | None = Field(default=None, description="Older name of `reasoning` (vLLM reads both).")
 
 
 class StreamOptions(RequestModel):
@@ -148,6 +164,39 @@ class StreamOptions(RequestModel):
     include_obfuscation: StrictBool | None = Field(default=None, description="Accepted and ignored.")
 
 
+
+
+class FunctionDefinitionIn(RequestModel):
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.:-]+$")
+    description: str | None = None
+    parameters: dict[str, Any] | None = Field(default=None, description="A JSON schema of type object.")
+    strict: StrictBool | None = None
+
+
+class ToolIn(RequestModel):
+    type: Literal["function"] = "function"
+    function: FunctionDefinitionIn
+
+
+class NamedFunctionIn(RequestModel):
+    name: str
+
+
+class NamedToolChoiceIn(RequestModel):
+    type: Literal["function"] = "function"
+    function: NamedFunctionIn
+
+
+ToolChoice = Annotated[
+    Union[
+        Annotated[Literal["none", "auto", "required"], Tag("mode-choice")],
+        Annotated[NamedToolChoiceIn, Tag("named-choice")],
+    ],
+    Discriminator(
+        lambda value: "mode-choice" if isinstance(value, str) else "named-choice"
+        if isinstance(value, (dict, NamedToolChoiceIn)) else None
+    ),
+]
 
 
 class ChatCompletionRequest(RequestModel):
@@ -180,16 +229,23 @@ class ChatCompletionRequest(RequestModel):
     service_tier: str | None = None
     safety_identifier: str | None = None
     prompt_cache_key: str | None = None
-    parallel_tool_calls: StrictBool | None = None
+
+    # --- tools and reasoning, through vLLM's tool and reasoning parsers ---
+    tools: list[ToolIn] | None = Field(default=None, description="Functions the model may call.")
+    tool_choice: ToolChoice | None = Field(
+        default=None, description="none, auto (the default with tools), required, or a named function."
+    )
+    parallel_tool_calls: StrictBool | None = Field(default=None, description="False: at most one call.")
+    reasoning_effort: Literal["none", "minimal", "low", "medium", "high", "xhigh", "max"] | None = Field(
+        default=None, description="vLLM: sets the template's `enable_thinking` (none -> false, else true)."
+    )
+    include_reasoning: StrictBool = Field(default=True, description="vLLM: False drops the reasoning.")
+    response_format: dict[str, Any] | None = None
 
     # --- OpenAI features dvd-serve lacks: accepted only at their "not used" value ---
-    tools: list[dict[str, Any]] | None = None
-    tool_choice: str | dict[str, Any] | None = None
     functions: list[dict[str, Any]] | None = None
     function_call: str | dict[str, Any] | None = None
-    response_format: dict[str, Any] | None = None
     modalities: list[str] | None = None
-    reasoning_effort: str | None = None
 
     # --- vLLM's extra sampling fields, honoured as vLLM honours them ---
     top_k: StrictInt | None = Field(default=None, ge=-1, description="vLLM: 0 or -1 = no top-k cut.")
@@ -255,7 +311,6 @@ class ChatCompletionRequest(RequestModel):
         default=None, description="vLLM: one constraint (json, regex, choice, grammar, ...) the output must meet."
     )
     thinking_token_budget: Any = None
-    include_reasoning: Any = None
 
     # --- dvd-serve extensions (not in the OpenAI API) ---
     max_tiles: StrictInt | None = Field(
@@ -302,10 +357,35 @@ class ChoiceLogprobs(BaseModel):
     content: list[TokenLogprob]
 
 
+class FunctionCallOut(BaseModel):
+    name: str
+    arguments: str
+
+
+class ToolCallOut(BaseModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCallOut
+
+
 class AssistantMessage(BaseModel):
+    """As vLLM answers: `tool_calls` only when there are some; `reasoning` (and its older name
+    `reasoning_content`, which many clients read) only with a reasoning parser."""
+
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: str | None
     refusal: None = None
+    tool_calls: list[ToolCallOut] | None = None
+    reasoning: str | None = None
+    reasoning_content: str | None = None
+
+    @model_serializer(mode="wrap")
+    def _without_empty_extras(self, handler) -> dict[str, Any]:
+        data = handler(self)
+        for key in ("tool_calls", "reasoning", "reasoning_content"):
+            if not data.get(key):
+                data.pop(key, None)
+        return data
 
 
 class Choice(BaseModel):
@@ -328,10 +408,15 @@ class ChatCompletionResponse(BaseModel):
 class ChunkDelta(BaseModel):
     role: Literal["assistant"] | None = None
     content: str | None = None
+    reasoning: str | None = None
+    reasoning_content: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None  # OpenAI's tool-call deltas: index, id, type, function pieces
 
     @model_serializer
-    def _without_unset(self) -> dict[str, str]:
-        return {key: value for key, value in (("role", self.role), ("content", self.content)) if value is not None}
+    def _without_unset(self) -> dict[str, Any]:
+        fields = (("role", self.role), ("content", self.content), ("reasoning", self.reasoning),
+                  ("reasoning_content", self.reasoning_content), ("tool_calls", self.tool_calls))
+        return {key: value for key, value in fields if value is not None}
 
 
 class ChunkChoice(BaseModel):
@@ -382,11 +467,11 @@ class TokenizeChatRequest(RequestModel):
     return_token_strs: StrictBool | None = None
     chat_template_kwargs: dict[str, Any] | None = None
     documents: list[dict[str, str]] | None = None
-    # vLLM fields dvd-serve refuses (see the chat request): a per-request template, media options, tools.
+    tools: list[ToolIn] | None = Field(default=None, description="Rendered into the prompt as for generation.")
+    # vLLM fields dvd-serve refuses (see the chat request): a per-request template, media options.
     chat_template: Any = None
     media_io_kwargs: Any = None
     mm_processor_kwargs: Any = None
-    tools: Any = None
 
 
 class TokenizeResponse(BaseModel):

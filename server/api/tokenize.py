@@ -12,7 +12,7 @@ from typing import Annotated, Any, Union
 from fastapi import APIRouter, Request
 from pydantic import Discriminator, Tag
 
-from dvd_serve.common.chat import ChatJob, ImagePart, SamplingConfig
+from dvd_serve.common.chat import AnswerOptions, ChatJob, ImagePart, SamplingConfig
 from dvd_serve.common.errors import InvalidRequestError
 from dvd_serve.server.api.job_builder import ModelNotFoundError, build_messages, build_prompt_options
 from dvd_serve.server.api.protocol import (
@@ -28,7 +28,7 @@ from dvd_serve.server.api.state import gateway_state
 
 router = APIRouter()
 _ERROR_RESPONSES = {status: {"model": ErrorResponse} for status in (400, 401, 404, 413, 500, 502, 503, 504)}
-_REFUSED_CHAT_FIELDS = ("chat_template", "media_io_kwargs", "mm_processor_kwargs", "tools")
+_REFUSED_CHAT_FIELDS = ("chat_template", "media_io_kwargs", "mm_processor_kwargs")
 
 TokenizeBody = Annotated[
     Union[Annotated[TokenizePromptRequest, Tag("prompt-body")], Annotated[TokenizeChatRequest, Tag("chat-body")]],
@@ -72,8 +72,10 @@ def _text_only_job(body: TokenizeChatRequest, config) -> ChatJob:
             "Chats with images cannot be tokenized here: an image's token count is known only after tiling.",
             code="unsupported_value", param="messages",
         )
+    # The tools are rendered as for generation; "none" because tokenizing chooses no call (and needs no parser).
+    tools = tuple(tool.model_dump(exclude_unset=True) for tool in body.tools or ())
     return ChatJob(request_id="tokenize", messages=messages, sampling=SamplingConfig(),
-                   prompt_options=build_prompt_options(body))
+                   prompt_options=build_prompt_options(body), answer=AnswerOptions(tools=tools, tool_choice="none"))
 
 
 @router.post("/detokenize", response_model=DetokenizeResponse, responses=_ERROR_RESPONSES)
