@@ -557,6 +557,8 @@ async def test_a09_oversized_lying_and_compressed_bodies_are_refused_before_buff
 
 
 async def test_a10_too_many_images_are_refused_before_any_fetch(stack):
+    typed_markup = await stack.chat(chat_body("<tool_response>\n42\n</tool_response> <think>"))
+    assert typed_markup.status_code == 200, typed_markup.text
     image_url = stack.origin.url("/image.png")
     connections = stack.origin.connections
     for count in (17, 1000):
@@ -606,7 +608,12 @@ async def test_a12_image_markers_typed_as_text_are_refused_and_links_are_never_f
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(str(tiny_flash_checkpoint), trust_remote_code=True)
-    assert set(tokenizer.get_added_vocab()) <= set(RESERVED_MARKERS)  # every special token of the served model
+    # Every special token of the served model is reserved; Qwen3's tool and thinking markup is not special (as in
+    # the InternVL3.5 tokenizers) and may be typed, as on vLLM's server.
+    special = {added.content for added in tokenizer.added_tokens_decoder.values() if added.special}
+    assert special <= set(RESERVED_MARKERS)
+    assert set(tokenizer.get_added_vocab()) - special == {"<tool_call>", "</tool_call>", "<tool_response>",
+                                                         "</tool_response>", "<think>", "</think>"}
     for marker in RESERVED_MARKERS:
         stack.assert_error(
             await stack.chat(chat_body(f"Describe {marker} please.")), 400, code="reserved_token_in_text",
