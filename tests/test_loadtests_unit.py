@@ -45,7 +45,7 @@ from dvd_serve.loadtests.report import headline_json, markdown, visual_tokens
 from dvd_serve.loadtests.stage_metrics import parse_totals, stage_means
 from dvd_serve.loadtests.stream import ChatStreamReader
 from dvd_serve.loadtests.systems import SYSTEMS, ServerSettings
-from dvd_serve.server import bench_cli
+from dvd_serve.loadtests import bench_cli
 
 
 def _sample(index: int, start: float, e2e: float, ttft: float | None, tokens: int, status: str = "ok",

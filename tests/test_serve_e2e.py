@@ -60,6 +60,49 @@ def test_command_line_becomes_one_serve_config(tiny_flash_checkpoint, monkeypatc
     )
 
 
+def test_parser_flags_reach_the_language_engines(tiny_flash_checkpoint):
+    from dvd_serve.server.cli import build_parser
+    from dvd_serve.server.serve import config_from_args
+
+    def engine(*flags: str):
+        args = build_parser().parse_args(["serve", "--model", str(tiny_flash_checkpoint), *flags])
+        return config_from_args(args).language_engine_config()
+
+    assert (engine().tool_call_parser, engine().reasoning_parser) == ("auto", "auto")
+    chosen = engine("--tool-call-parser", "pythonic", "--reasoning-parser", "deepseek_r1")
+    assert (chosen.tool_call_parser, chosen.reasoning_parser) == ("pythonic", "deepseek_r1")
+    off = engine("--tool-call-parser", "none", "--reasoning-parser", "None")
+    assert (off.tool_call_parser, off.reasoning_parser) == (None, None)
+
+
+def test_the_serving_code_does_not_import_the_load_tests():
+    """`bench` and `soak` come from the load-test package through the `dvd_serve.commands` entry points; building
+    the command line, serving and the workers import nothing of it."""
+    probe = (
+        "import sys\n"
+        "import dvd_serve.server.cli as cli, dvd_serve.server.serve, dvd_serve.server.ray_pipeline, "
+        "dvd_serve.server.ray_actors, dvd_serve.server.api.app, dvd_serve.lm_worker.worker, "
+        "dvd_serve.vision_worker.worker\n"
+        "commands = cli.build_parser()._subparsers._group_actions[0].choices\n"
+        "assert {'make-checkpoint', 'serve'} <= set(commands), commands\n"
+        "loaded = sorted(name for name in sys.modules if name.startswith('dvd_serve.loadtests'))\n"
+        "print('LOADTESTS', loaded)\n"
+    )
+    import subprocess
+
+    # Entry points load lazily only when the parser is built; block them to see what the product itself imports.
+    result = subprocess.run(
+        [sys.executable, "-c", "import importlib.metadata as m\n"
+         "m.entry_points = lambda **kw: []\n" + probe],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "LOADTESTS []" in result.stdout, result.stdout
+    with_commands = subprocess.run([sys.executable, "-m", "dvd_serve.server.cli", "--help"], capture_output=True,
+                                   text=True, timeout=300)
+    assert "bench" in with_commands.stdout and "soak" in with_commands.stdout
+
+
 def test_limit_flags_left_out_keep_the_config_defaults(tiny_flash_checkpoint):
     from dvd_serve.server.cli import build_parser
     from dvd_serve.server.serve import config_from_args

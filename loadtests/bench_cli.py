@@ -120,7 +120,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m dvd_serve.server.bench_cli ...`, the same as `dvd-serve bench ...`."""
+    """`python -m dvd_serve.loadtests.bench_cli ...`, the same as `dvd-serve bench ...`."""
     parser = argparse.ArgumentParser(prog="dvd-serve")
     add_parser(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(["bench", *(sys.argv[1:] if argv is None else argv)])
