@@ -427,3 +427,22 @@ def test_tool_input_vllm_would_accept_and_fail_on_later_is_a_400_here(server_pai
     not_an_object = [{"type": "function", "function": {"name": "f", "parameters": {"type": "string"}}}]
     assert _outcome(ours, [{"role": "user", "content": "Hi"}], tools=not_an_object)[0] == "4xx"
     assert _outcome(ours, [{"role": "user", "content": "Hi"}])[0] == "2xx"
+
+
+def test_tokenizing_a_tool_conversation_gives_vllms_tokens(server_pair):
+    """/tokenize renders tools, tool calls and tool results exactly as generation does, on both servers."""
+    import httpx
+
+    call = {"id": "call-1", "type": "function", "function": {"name": "click", "arguments": '{"button": "ok"}'}}
+    body = {"messages": [{"role": "user", "content": "Press ok."},
+                         {"role": "assistant", "content": None, "tool_calls": [call]},
+                         {"role": "tool", "tool_call_id": "call-1", "content": "pressed"}],
+            "tools": TOOLS}
+    answers = []
+    for client in server_pair:
+        base = str(client.base_url).removesuffix("/").removesuffix("/v1")
+        response = httpx.post(f"{base}/tokenize", json={**body, "model": client.models.list().data[0].id},
+                              timeout=60)
+        assert response.status_code == 200, response.text
+        answers.append(response.json()["tokens"])
+    assert answers[0] == answers[1] and answers[0]
