@@ -49,6 +49,11 @@ class GatewayConfig(FrozenConfig):
     )
     max_images_per_request: int = Field(default=16, ge=0, description="Most `image_url` parts in one request.")
     max_messages: int = Field(default=512, ge=1, description="Most messages in one request.")
+    max_tools: int = Field(
+        default=128, ge=1,
+        description="Most tools in one request (OpenAI's limit); each becomes part of the prompt and of the "
+        "constraint a forced call compiles.",
+    )
     max_text_chars: int = Field(
         default=400_000, ge=1, description="Most characters over all text parts of one request."
     )

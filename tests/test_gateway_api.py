@@ -295,6 +295,8 @@ EARLY_REJECTIONS = [
     ("reasoning on a user message", {"model": MODEL, "messages": [
         {"role": "user", "content": "a", "reasoning": "hm"}]}, "messages[0].reasoning", "invalid_value"),
     ("empty tools", chat_body(tools=[]), "tools", "invalid_value"),
+    ("129 tools", chat_body(tools=[{"type": "function", "function": {"name": f"f{i}"}} for i in range(129)]),
+     "tools", "too_many_tools"),
     ("tool_choice without tools", chat_body(tool_choice="required"), "tool_choice", "invalid_value"),
     ("named tool not in tools", chat_body(tools=[TOOL], tool_choice={"type": "function", "function": {"name": "g"}}),
      "tool_choice.function.name", "invalid_value"),

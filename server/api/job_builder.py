@@ -96,7 +96,7 @@ def build_chat_job(
         raise ModelNotFoundError("The model does not exist.", code="model_not_found", param="model")
     _check_unsupported_features(request)
     sampling = build_sampling(request, config, max_model_len)
-    answer = build_answer_options(request)
+    answer = build_answer_options(request, config)
     max_tiles = _request_max_tiles(request, config)
     messages = build_messages(request.messages, config, max_tiles)
     return ChatJob(
@@ -110,12 +110,14 @@ def build_chat_job(
     )
 
 
-def build_answer_options(request: ChatCompletionRequest) -> AnswerOptions:
+def build_answer_options(request: ChatCompletionRequest, config: GatewayConfig) -> AnswerOptions:
     """Tools, tool choice and reasoning settings, checked as vLLM's request model checks them and more strictly
     where vLLM would fail later (a tool schema that is not an object, duplicate tool names)."""
     tools = request.tools
     if tools is not None and not tools:
         raise _invalid("'tools' must not be an empty array; omit it instead.", "tools")
+    if tools is not None and len(tools) > config.max_tools:
+        raise _invalid(f"Too many tools (at most {config.max_tools}).", "tools", code="too_many_tools")
     names: set[str] = set()
     for index, tool in enumerate(tools or ()):
         param = f"tools[{index}].function"
