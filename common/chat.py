@@ -170,6 +170,7 @@ class GenerationDelta:
     # not streamed, the whole calls on the last delta, {"id", "type", "function": {"name", "arguments"}}.
     tool_calls: list[dict[str, Any]] | None = None
     content_null: bool = False  # a non-streamed answer the parser left without content: `content` is null (vLLM's)
+    made_at: float = 0.0  # wall-clock time (time.time()) the language engine produced it; 0 = unknown
 
     @property
     def ends_stream(self) -> bool:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import AsyncIterator, Sequence
 from typing import Literal
 
@@ -222,6 +223,7 @@ class LanguageEngine:
                         prompt_token_count=len(output.prompt_token_ids or ()) if first else None,
                         cached_prompt_tokens=output.num_cached_tokens if first else None,
                         logprobs=_plain_logprobs(completion.logprobs),
+                        made_at=time.time(),
                     )
                     if splitter is not None:
                         split = splitter.split(completion.index, completion.text, delta.token_ids,

@@ -18,6 +18,7 @@ No metric touches prometheus_client's global default registry, so tests may buil
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -174,6 +175,14 @@ class ServingMetrics:
             f"{PREFIX}_time_to_first_token_seconds", "Request arrival to the first non-empty content.",
             buckets=LATENCY_BUCKETS_S, registry=reg,
         )
+        self.token_path = Histogram(
+            f"{PREFIX}_token_path_seconds",
+            "Where a streamed delta's time goes after the language engine produced it: hop=replica (until its "
+            "batch leaves the replica), transport (Ray, replica to gateway), response (engine to the chunk handed "
+            "to the HTTP server: the two hops plus the gateway's fan-out and chunk building). Wall clocks of two "
+            "processes: across nodes the transport hop includes their clock offset.",
+            ["hop"], buckets=PER_TOKEN_BUCKETS_S, registry=reg,
+        )
         self.tpot = Histogram(
             f"{PREFIX}_time_per_output_token_seconds", "(E2E - TTFT) / (completion tokens - 1).",
             buckets=PER_TOKEN_BUCKETS_S, registry=reg,
@@ -279,6 +288,20 @@ class ServingMetrics:
         )
 
         self.vllm = VllmRequestMetrics(reg)
+
+    def observe_return_batch(self, sent_at: float, received_at: float, batch: list) -> None:
+        """The replica and transport hops of every delta in one return-path batch (see `token_path`)."""
+        replica, transport = self.token_path.labels("replica"), self.token_path.labels("transport")
+        for _request_id, item in batch:
+            made_at = getattr(item, "made_at", 0.0)  # errors in the batch carry none
+            if made_at:
+                replica.observe(max(sent_at - made_at, 0.0))
+                transport.observe(max(received_at - sent_at, 0.0))
+
+    def observe_response_chunk(self, made_at: float) -> None:
+        """A streamed delta handed to the HTTP server, `made_at` being when the engine produced it."""
+        if made_at:
+            self.token_path.labels("response").observe(max(time.time() - made_at, 0.0))
 
     def observe_stage_timings(self, timings: StageTimings) -> None:
         """Records the per-request totals the pipeline reported on a request's last delta."""

@@ -151,12 +151,14 @@ class _Replica:
         return self._outstanding
 
     @ray.method(num_returns="streaming")
-    async def deltas(self, subscriber: str) -> AsyncIterator[list]:
-        """`subscriber`'s return stream, for as long as this replica lives: batches of (request id, delta or
-        `RemoteServingError`), each holding what every request it submitted produced since the previous batch."""
+    async def deltas(self, subscriber: str) -> AsyncIterator[tuple[float, list]]:
+        """`subscriber`'s return stream, for as long as this replica lives: (time.time() it left, batch) pairs, a
+        batch being (request id, delta or `RemoteServingError`) entries: what every request it submitted produced
+        since the previous batch."""
         outbox = self._requests.outbox(subscriber)
         while True:
-            yield await outbox.next_batch()
+            batch = await outbox.next_batch()
+            yield time.time(), batch
 
     def _start(
         self, subscriber: str, request_id: str, stream: AsyncIterator[GenerationDelta],

@@ -122,7 +122,7 @@ class RayPipeline:
         self._in_flight = 0
         self._idle = asyncio.Event()
         self._idle.set()
-        self._returns = ReturnStreams()
+        self._returns = ReturnStreams(metrics.observe_return_batch if metrics is not None else None)
 
     @classmethod
     async def start(

@@ -10,11 +10,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import ray
+
+# Called per batch with (when it left the replica, when it arrived here, its entries), both time.time().
+BatchObserver = Callable[[float, float, list], None]
 
 
 class StreamEnded(Exception):
@@ -24,8 +28,9 @@ class StreamEnded(Exception):
 class ReplicaReturnStream:
     """The batches of one replica incarnation, read by one task, delivered into per-request queues."""
 
-    def __init__(self, handle: Any, subscriber: str) -> None:
+    def __init__(self, handle: Any, subscriber: str, observe: BatchObserver | None = None) -> None:
         self._inboxes: dict[str, asyncio.Queue] = {}
+        self._observe = observe
         self.failure: BaseException | None = None
         self._stream = handle.deltas.remote(subscriber)
         self._reader = asyncio.create_task(self._read())
@@ -50,7 +55,9 @@ class ReplicaReturnStream:
     async def _read(self) -> None:
         try:
             async for batch_ref in self._stream:
-                batch = await batch_ref
+                sent_at, batch = await batch_ref
+                if self._observe is not None:
+                    self._observe(sent_at, time.time(), batch)
                 inboxes = self._inboxes
                 for request_id, item in batch:
                     queue = inboxes.get(request_id)
@@ -77,15 +84,16 @@ class ReplicaReturnStream:
 class ReturnStreams:
     """This gateway's return streams, one per replica (re-opened after the replica restarts)."""
 
-    def __init__(self) -> None:
+    def __init__(self, observe: BatchObserver | None = None) -> None:
         self.subscriber = f"gateway-{uuid.uuid4().hex[:12]}"
+        self._observe = observe
         self._streams: dict[str, ReplicaReturnStream] = {}
 
     def of(self, replica_name: str, handle: Any) -> ReplicaReturnStream:
         """The open stream of `replica_name`, or a new one if there is none or it broke."""
         stream = self._streams.get(replica_name)
         if stream is None or stream.broken:
-            stream = self._streams[replica_name] = ReplicaReturnStream(handle, self.subscriber)
+            stream = self._streams[replica_name] = ReplicaReturnStream(handle, self.subscriber, self._observe)
         return stream
 
     def close(self) -> None:

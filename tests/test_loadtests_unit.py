@@ -430,3 +430,13 @@ def test_vs_vllm_workloads_parse_with_vllms_own_benchmark_arguments():
         assert args.random_input_len == 64 and args.random_output_len == 16
     image = parser.parse_args(["--model", "m", *workloads(64, 16)["image896"].client_args])
     assert image.random_mm_bucket_config == {(896, 896, 1): 1.0}
+
+
+def test_vs_vllm_token_path_means_per_hop_and_the_gateways_share():
+    from dvd_serve.loadtests.benchmarks.vs_vllm import token_path_means_ms
+
+    before = {"replica": (1.0, 100), "transport": (0.5, 100), "response": (3.0, 100)}
+    after = {"replica": (1.2, 200), "transport": (0.6, 200), "response": (3.5, 200), "idle": (0.0, 0)}
+    means = token_path_means_ms(before, after)
+    assert means == pytest.approx({"replica": 2.0, "transport": 1.0, "response": 5.0, "gateway": 2.0})
+    assert token_path_means_ms({}, {}) == {}

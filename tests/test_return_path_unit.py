@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 
 import pytest
 
@@ -94,7 +95,7 @@ class _ReplicaHandleDouble:
             if batch is None:
                 return
             ready = asyncio.get_running_loop().create_future()
-            ready.set_result(batch)
+            ready.set_result((time.time(), batch))  # as the actor sends it: (when it left, entries)
             yield ready
 
 
@@ -130,3 +131,45 @@ def test_a_broken_stream_fails_every_request_on_it_and_later_ones(end):
     failure, late_failure, broken = asyncio.run(scenario())
     expected = RuntimeError if end is not None else StreamEnded
     assert isinstance(failure, expected) and late_failure is failure and broken
+
+
+def test_each_batch_is_observed_with_when_it_left_and_arrived():
+    seen = []
+
+    async def scenario():
+        handle = _ReplicaHandleDouble()
+        stream = ReplicaReturnStream(handle, "gateway-a", observe=lambda sent, received, batch: seen.append(
+            (sent, received, [request_id for request_id, _ in batch])))
+        with stream.inbox("r1") as one:
+            handle.batches.put_nowait([("r1", _delta(1)), ("r1", _delta(2))])
+            await one.get()
+        stream.close()
+
+    before = time.time()
+    asyncio.run(scenario())
+    ((sent, received, ids),) = seen
+    assert before <= sent <= received <= time.time() and ids == ["r1", "r1"]
+
+
+def test_token_path_hops_are_recorded_per_delta():
+    from prometheus_client import CollectorRegistry
+
+    from dvd_serve.server.metrics import ServingMetrics
+
+    metrics = ServingMetrics(CollectorRegistry())
+    now = time.time()
+    made = _delta(1)
+    made.made_at = now - 0.030
+    metrics.observe_return_batch(now - 0.010, now, [("r1", made), ("r1", _delta(2)), ("r2", RuntimeError("x"))])
+    metrics.observe_response_chunk(now - 0.050)
+    metrics.observe_response_chunk(0.0)  # unknown: not counted
+
+    def hop(name: str) -> tuple[float, float]:
+        samples = {s.name: s.value for s in metrics.token_path.labels(name).collect()[0].samples
+                   if s.name.endswith(("_sum", "_count"))}
+        return samples["dvd_token_path_seconds_count"], samples["dvd_token_path_seconds_sum"]
+
+    assert hop("replica")[0] == 1 and abs(hop("replica")[1] - 0.020) < 0.002
+    assert hop("transport")[0] == 1 and abs(hop("transport")[1] - 0.010) < 0.002
+    count, total = hop("response")
+    assert count == 1 and 0.050 <= total < 1.0

@@ -6,8 +6,9 @@
 One invocation generates the checkpoint, then starts each server in turn on the same cores and runs the same seeded
 workloads against it with `vllm.benchmarks.serve` (`--backend openai-chat --ignore-eos --request-rate inf`, greedy).
 Printed per level: req/s, TTFT/TPOT/E2E p50/p99 (the client's own numbers) and the ratio dvd-serve / vLLM, plus the
-CPU seconds each process group spent per request (from /proc, summed over the level). Writes `vs_vllm.json` and
-`vs_vllm.md` under `--out`.
+CPU seconds each process group spent per request (from /proc, summed over the level), and for dvd-serve where a
+streamed token's time goes between the language engine and the response (the means of the gateway's
+`dvd_token_path_seconds` hops over the level). Writes `vs_vllm.json` and `vs_vllm.md` under `--out`.
 """
 
 from __future__ import annotations
@@ -74,6 +75,7 @@ class LevelResult:
     failed: int
     client: dict[str, float]
     cpu_s_per_request: dict[str, float] = field(default_factory=dict)
+    token_path_ms: dict[str, float] = field(default_factory=dict)  # mean per hop of the level (dvd-serve only)
 
 
 class CpuMeter:
@@ -128,6 +130,39 @@ def cpu_delta(before: dict[int, tuple[str, float]], after: dict[int, tuple[str, 
     return dict(spent)
 
 
+TOKEN_PATH_SERIES = "dvd_token_path_seconds"
+
+
+def token_path_totals(base_url: str) -> dict[str, tuple[float, float]]:
+    """hop -> (seconds summed, deltas counted) of the gateway's token-path histogram so far ({} for vLLM)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(base_url + "/metrics", timeout=30) as response:
+        text = response.read().decode()
+    totals: dict[str, list[float]] = defaultdict(lambda: [0.0, 0.0])
+    for family in text_string_to_metric_families(text):
+        if family.name != TOKEN_PATH_SERIES:
+            continue
+        for sample in family.samples:
+            if sample.name.endswith("_sum"):
+                totals[sample.labels["hop"]][0] += sample.value
+            elif sample.name.endswith("_count"):
+                totals[sample.labels["hop"]][1] += sample.value
+    return {hop: (total, count) for hop, (total, count) in totals.items()}
+
+
+def token_path_means_ms(before: dict, after: dict) -> dict[str, float]:
+    """Mean milliseconds per hop between two readings; `gateway` = response - replica - transport."""
+    means = {}
+    for hop, (total, count) in after.items():
+        seconds, deltas = total - before.get(hop, (0.0, 0.0))[0], count - before.get(hop, (0.0, 0.0))[1]
+        if deltas > 0:
+            means[hop] = seconds / deltas * 1000
+    if {"response", "replica", "transport"} <= set(means):
+        means["gateway"] = means["response"] - means["replica"] - means["transport"]
+    return means
+
+
 def served_model(base_url: str) -> str:
     """The first model id the server lists: what requests must name."""
     with urllib.request.urlopen(base_url + "/v1/models", timeout=10) as response:
@@ -171,9 +206,11 @@ def run_system(key: str, model: Path, settings: ServerSettings, plan: Sequence[t
             run_client(server.base_url, served_name, model, workload, concurrency, WARMUP_PROMPTS, seed + 1,
                        out / "raw" / name / "warmup")
             before = meter.read()
+            path_before = token_path_totals(server.base_url)
             raw = run_client(server.base_url, served_name, model, workload, concurrency, num_prompts, seed,
                              out / "raw" / name / f"{workload.name}-c{concurrency}")
             after = meter.read()
+            path_after = token_path_totals(server.base_url)
             completed = int(raw.get("completed", 0))
             level = LevelResult(
                 name, workload.name, concurrency, num_prompts, completed, int(raw.get("failed", 0) or 0),
@@ -182,6 +219,7 @@ def run_system(key: str, model: Path, settings: ServerSettings, plan: Sequence[t
             if completed:
                 level.cpu_s_per_request = {label: seconds / completed
                                            for label, seconds in sorted(cpu_delta(before, after).items())}
+            level.token_path_ms = token_path_means_ms(path_before, path_after)
             print(_level_line(level), file=sys.stderr)
             results.append(level)
     return results
@@ -216,6 +254,12 @@ def report(results: list[LevelResult], facts: dict, wall_s: float) -> str:
         groups = ", ".join(f"{label} {seconds * 1000:.1f}" for label, seconds in r.cpu_s_per_request.items()
                            if seconds * 1000 >= 0.05)
         lines.append(f"- {r.system} {r.workload} c={r.concurrency}: {groups}")
+    lines += ["", "Where a streamed token's time goes after the engine produced it, dvd-serve (mean ms per delta):", ""]
+    for r in results:
+        if r.token_path_ms:
+            hops = ", ".join(f"{hop} {r.token_path_ms[hop]:.2f}" for hop in ("replica", "transport", "gateway",
+                                                                            "response") if hop in r.token_path_ms)
+            lines.append(f"- {r.workload} c={r.concurrency}: {hops}")
     return "\n".join(lines) + "\n"
 
 

@@ -148,6 +148,7 @@ async def _stream_events(
             if delta.text or logprobs or delta.reasoning or delta.tool_calls:
                 yield data_event(chunks.content(delta.text, logprobs, index, result.choice_usage(index),
                                                 delta.reasoning, delta.tool_calls))
+                metrics.observe_response_chunk(delta.made_at)
             if delta.finish_reason is not None:
                 yield data_event(chunks.finish(delta.finish_reason, index, result.choice_usage(index)))
             delta = await deltas.next()
