@@ -446,3 +446,35 @@ def test_tokenizing_a_tool_conversation_gives_vllms_tokens(server_pair):
         assert response.status_code == 200, response.text
         answers.append(response.json()["tokens"])
     assert answers[0] == answers[1] and answers[0]
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
+def test_every_choice_of_n_gets_its_own_tool_call(server_pair, compact_json, stream):
+    """n > 1: one parser per choice (sampled, so the shape of the answer is compared, not its tokens)."""
+    shapes = []
+    for client in server_pair:
+        model = client.models.list().data[0].id
+        fields = dict(model=model, messages=[{"role": "user", "content": "Press ok."}], n=2, temperature=1.0, seed=5,
+                      max_tokens=80, tools=STRICT_TOOLS, tool_choice="required", parallel_tool_calls=False,
+                      logit_bias=compact_json)
+        calls: dict[int, dict[int, list[str]]] = {0: {}, 1: {}}
+        finishes: dict[int, str] = {}
+        if stream:
+            for chunk in client.chat.completions.create(stream=True, **fields):
+                for choice in chunk.choices:
+                    for call in choice.delta.tool_calls or ():
+                        entry = calls[choice.index].setdefault(call.index, ["", ""])
+                        entry[0] += call.function.name or ""
+                        entry[1] += call.function.arguments or ""
+                    finishes[choice.index] = choice.finish_reason or finishes.get(choice.index)
+        else:
+            for choice in client.chat.completions.create(**fields).choices:
+                calls[choice.index] = {i: [call.function.name, call.function.arguments]
+                                       for i, call in enumerate(choice.message.tool_calls or ())}
+                finishes[choice.index] = choice.finish_reason
+        for index in (0, 1):
+            assert len(calls[index]) == 1, (index, calls, finishes)
+            name, arguments = calls[index][0]
+            assert name in ("click", "scroll") and isinstance(json.loads(arguments), dict)
+        shapes.append(sorted(finishes.items()))
+    assert shapes[0] == shapes[1] == [(0, "tool_calls"), (1, "tool_calls")]
