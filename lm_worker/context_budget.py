@@ -16,14 +16,16 @@ from dvd_serve.common.errors import InvalidRequestError
 CONTEXT_EXCEEDED_CODE = "context_length_exceeded"
 
 
-def prompt_token_count(tokenizer, prompt: str, spec: CheckpointSpec, image_tokens: Sequence[int]) -> int:
-    """Tokens the engine will hold for `prompt` whose placeholders stand for images of `image_tokens` rows each.
-
-    Each placeholder is tokenized as the bare `<img></img>` pair (two special tokens) and its rows are added.
-    """
+def framed_prompt_ids(tokenizer, prompt: str, spec: CheckpointSpec) -> list[int]:
+    """`prompt`'s token ids with each image placeholder as the bare `<img></img>` pair (two special tokens): the
+    engine's prompt without the image rows."""
     image_frame = spec.image_start_token + spec.image_end_token
-    text = prompt.replace(spec.image_placeholder, image_frame)
-    return len(tokenizer.encode(text)) + sum(image_tokens)
+    return tokenizer.encode(prompt.replace(spec.image_placeholder, image_frame))
+
+
+def prompt_token_count(tokenizer, prompt: str, spec: CheckpointSpec, image_tokens: Sequence[int]) -> int:
+    """Tokens the engine will hold for `prompt` whose placeholders stand for images of `image_tokens` rows each."""
+    return len(framed_prompt_ids(tokenizer, prompt, spec)) + sum(image_tokens)
 
 
 def output_token_budget(prompt_tokens: int, requested: int, max_model_len: int, requested_by: str | None) -> int:

@@ -22,7 +22,7 @@ from dvd_serve.common.config import FrozenConfig
 from dvd_serve.common.errors import InvalidRequestError, UnavailableError
 from dvd_serve.common.chat import AnswerOptions, ChatJob, GenerationDelta, PromptOptions, SamplingConfig
 from dvd_serve.lm_worker.answer_parsing import AUTO, AnswerSplitter, RequestPlan, choose_parsers, parser_class
-from dvd_serve.lm_worker.context_budget import output_token_budget, prompt_token_count
+from dvd_serve.lm_worker.context_budget import framed_prompt_ids, output_token_budget
 from dvd_serve.lm_worker.vllm_plugin import language_only_overrides, register
 
 logger = logging.getLogger(__name__)
@@ -194,7 +194,9 @@ class LanguageEngine:
                 code="invalid_value", param="priority",
             )
         request = plan.request
-        max_tokens = await self._output_budget(prompt, images, plan.sampling)
+        # Off the event loop: a long prompt takes tens of milliseconds to tokenize.
+        prompt_ids = await asyncio.to_thread(framed_prompt_ids, self.tokenizer, prompt, self.spec)
+        max_tokens = self._output_budget(len(prompt_ids) + sum(image.shape[0] for image in images), plan.sampling)
         engine_prompt: dict = {"prompt": prompt}
         if images:
             engine_prompt["multi_modal_data"] = {"image": [image.to(self.dtype) for image in images]}
@@ -202,7 +204,7 @@ class LanguageEngine:
         splitter = None if plan.parser_cls is None else AnswerSplitter(plan, self.tokenizer, self.model_config)
         reasoning_hint = {}
         if splitter is not None and plan.parser_cls.reasoning_parser_cls is not None:
-            prompt_ids = await asyncio.to_thread(self.tokenizer.encode, prompt, add_special_tokens=False)
+            # The image rows are not in `prompt_ids`; the check looks for the reasoning markers only.
             reasoning_hint = dict(
                 reasoning_ended=plan.reasoning_ended(plan.new_parser(self.tokenizer, self.model_config), prompt_ids),
                 reasoning_parser_kwargs={"chat_template_kwargs": plan.chat_template_kwargs},
@@ -260,11 +262,9 @@ class LanguageEngine:
             if running > 0 and not self._engine.errored:
                 await asyncio.shield(self.abort(request_id))
 
-    async def _output_budget(self, prompt: str, images: Sequence[torch.Tensor], sampling: SamplingConfig) -> int:
-        # Off the event loop: a long prompt takes tens of milliseconds to tokenize.
-        prompt_tokens = await asyncio.to_thread(
-            prompt_token_count, self.tokenizer, prompt, self.spec, [image.shape[0] for image in images]
-        )
+    def _output_budget(self, prompt_tokens: int, sampling: SamplingConfig) -> int:
+        """The `max_tokens` to give the engine for a prompt of `prompt_tokens` (images included); 400s as
+        `output_token_budget` decides them."""
         max_model_len = self.max_model_len
         if sampling.max_tokens is not None:
             requested = sampling.max_tokens
