@@ -30,12 +30,14 @@ class TextPart:
 
 @dataclass(frozen=True, slots=True)
 class ImagePart:
-    """An image by reference: `https://...` / `http://...` (fetched by the vision service) or a `data:` URL."""
+    """An image by reference: `https://...` / `http://...` (fetched by the vision service) or a `data:` URL; or
+    only by the client's `uuid` of an image sent before (then `url` is empty)."""
 
     url: str
     detail: Detail = Detail.AUTO
     max_tiles: int | None = None  # per-request cap on tiles (thumbnail excluded), None = checkpoint default
     param: str = ""  # request field it came from, e.g. "messages[1].content[0].image_url", for error messages
+    uuid: str | None = None  # the content part's `uuid` (vLLM's): names these bytes for later parts without data
 
 
 @dataclass(frozen=True, slots=True)

@@ -29,6 +29,7 @@ class ReceivedImage:
     image_index: int
     embeddings: torch.Tensor  # [tokens, llm_hidden]
     tokens_per_tile: tuple[int, ...]
+    content_hash: bytes = b""  # the sender's name for these embeddings (empty: none given)
 
 
 @dataclass(frozen=True, slots=True)
@@ -173,7 +174,9 @@ class EmbeddingStore:
         request = self._requests[reservation.request_id]
         del request.pending[reservation.image_index]
         reservation.state = _State.COMPLETE
-        request.images[reservation.image_index] = ReceivedImage(reservation.image_index, embeddings, tokens_per_tile)
+        request.images[reservation.image_index] = ReceivedImage(
+            reservation.image_index, embeddings, tokens_per_tile, reservation.content_hash
+        )
         request.image_reservations[reservation.image_index] = reservation
         request.last_activity = self._clock()
         if request.arrival is not None:

@@ -181,8 +181,13 @@ class LanguageEngine:
         images: Sequence[torch.Tensor],
         plan: RequestPlan,
         priority: int = 0,
+        image_ids: Sequence[str | None] | None = None,
     ) -> AsyncIterator[GenerationDelta]:
         """Stream the answer to `prompt`, whose placeholders are filled by `images` in order.
+
+        `image_ids[i]` names the embeddings of image i exactly (the vision side's `embedding_identity`); vLLM then
+        keys its prefix cache by it instead of hashing the tensor, so a repeated image reuses the KV cache of the
+        prompt up to and past it. None (or a None entry): vLLM hashes the tensor, with the same reuse.
 
         With n > 1 the choices' deltas interleave, each with its `index`. Raises `InvalidRequestError`
         (400) before the engine sees a request that does not fit the context or that vLLM's validation refuses.
@@ -200,6 +205,8 @@ class LanguageEngine:
         engine_prompt: dict = {"prompt": prompt}
         if images:
             engine_prompt["multi_modal_data"] = {"image": [image.to(self.dtype) for image in images]}
+            if image_ids is not None and all(image_ids):
+                engine_prompt["multi_modal_uuids"] = {"image": list(image_ids)}
         params = _validated(lambda: plan.sampling_params(max_tokens, self.default_sampling))
         splitter = None if plan.parser_cls is None else AnswerSplitter(plan, self.tokenizer, self.model_config)
         reasoning_hint = {}

@@ -91,12 +91,13 @@ class LanguageWorker:
             )
             prompt, plan = self.engine.prepare(job)
             images = [item.embeddings for item in received]
+            image_ids = [item.content_hash.hex() or None for item in received]
         except BaseException:
             self.store.cancel(job.request_id)
             raise
         waited = time.monotonic() - started
         first_token_at: float | None = None
-        async for delta in self.engine.generate(job.request_id, prompt, images, plan, job.priority):
+        async for delta in self.engine.generate(job.request_id, prompt, images, plan, job.priority, image_ids):
             now = time.monotonic()
             if first_token_at is None:
                 first_token_at = now

@@ -18,9 +18,11 @@ from dvd_serve.vision_worker.worker import VisionOutcome
 
 
 async def generate_with_embeddings(
-    engine: LanguageEngine, job: ChatJob, images: Sequence[torch.Tensor], vision_s: float = 0.0
+    engine: LanguageEngine, job: ChatJob, images: Sequence[torch.Tensor], vision_s: float = 0.0,
+    image_ids: Sequence[str] | None = None,
 ) -> AsyncIterator[GenerationDelta]:
-    """Stream the answer to `job` whose image placeholders are filled by `images` (each `[tokens, llm_hidden]`).
+    """Stream the answer to `job` whose image placeholders are filled by `images` (each `[tokens, llm_hidden]`,
+    named by `image_ids` for vLLM's prefix cache).
 
     The first delta carries queue time and visual-token totals, the final one all stage timings.
     """
@@ -32,7 +34,7 @@ async def generate_with_embeddings(
         embedding_bytes=sum(image.numel() * image.element_size() for image in images),
     )
     first_token_at: float | None = None
-    async for delta in engine.generate(job.request_id, prompt, images, plan, job.priority):
+    async for delta in engine.generate(job.request_id, prompt, images, plan, job.priority, image_ids):
         now = time.monotonic()
         if first_token_at is None:
             first_token_at = now

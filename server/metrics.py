@@ -6,6 +6,9 @@ Who records what:
   `lm_queue_seconds`, `request_inference_seconds`, `request_visual_tokens`, `request_embedding_bytes`).
 - vision workers: `fetch_decode_seconds`, `preprocess_seconds`, `vision_queue_seconds`, `vision_batch_size`,
   `encode_seconds`, `visual_tokens_per_image`, `router_compression_ratio`.
+- vision replicas' caches: `vision_cache_lookups` (hit/miss per image), `vision_cache_evictions`,
+  `vision_cache_bytes` (per replica); the language side's prefix cache as vLLM's `vllm:prefix_cache_queries` and
+  `vllm:prefix_cache_hits` (tokens).
 - embedding sender (vision -> LM hop): `transfer_bytes`, `transfer_seconds`.
 - orchestration: `pool_in_flight` (jobs handed to each pool and not yet finished), `pool_admitted` (jobs holding a
   place in each pool, waiting ones included), `admission_refusals` (jobs refused with 429, by pool) and
@@ -57,6 +60,7 @@ class FinishedRequest:
     max_tokens: int | None  # None: not given (the rest of the context)
     queue_s: float | None
     inference_s: float | None
+    cached_prompt_tokens: int | None = None  # prompt tokens the engine's prefix cache held; None: not reported
 
 
 class VllmRequestMetrics:
@@ -81,6 +85,10 @@ class VllmRequestMetrics:
             return Counter(f"vllm:{name}", documentation, labels + extra, registry=registry)
 
         self.prompt_tokens = counter("prompt_tokens", "Prompt tokens of finished requests, visual tokens included.")
+        self.prefix_cache_queries = counter(
+            "prefix_cache_queries", "Prompt tokens looked up in the language engines' prefix caches."
+        )
+        self.prefix_cache_hits = counter("prefix_cache_hits", "Prompt tokens found in the prefix caches (cached).")
         self.generation_tokens = counter("generation_tokens", "Tokens generated for finished requests, all choices.")
         self.request_success = counter(
             "request_success", "Finished requests, by the reason each choice ended.", ("finished_reason",)
@@ -124,6 +132,9 @@ class VllmRequestMetrics:
 
     def observe(self, model_name: str, request: FinishedRequest) -> None:
         self.prompt_tokens.labels(model_name).inc(request.prompt_tokens)
+        if request.cached_prompt_tokens is not None:
+            self.prefix_cache_queries.labels(model_name).inc(request.prompt_tokens)
+            self.prefix_cache_hits.labels(model_name).inc(request.cached_prompt_tokens)
         self.generation_tokens.labels(model_name).inc(request.generation_tokens)
         for reason in request.finish_reasons:
             self.request_success.labels(model_name, reason).inc()
@@ -253,6 +264,20 @@ class ServingMetrics:
             f"{PREFIX}_router_compression_ratio",
             "Per image: visual tokens kept / tokens at 256 per tile (1.0 = nothing compressed, 0.25 = all).",
             buckets=RATIO_BUCKETS, registry=reg,
+        )
+
+        # Vision replicas' embedding caches (counted per image).
+        self.vision_cache_lookups = Counter(
+            f"{PREFIX}_vision_cache_lookups", "Images looked up in a vision replica's embedding cache, by result "
+            "(hit: decode, tiling and ViT skipped; miss: encoded).", ("result",), registry=reg,
+        )
+        self.vision_cache_evictions = Counter(
+            f"{PREFIX}_vision_cache_evictions", "Entries the vision replicas' caches evicted to stay in budget.",
+            registry=reg,
+        )
+        self.vision_cache_bytes = Gauge(
+            f"{PREFIX}_vision_cache_bytes", "Bytes a vision replica's embedding cache held after its last request.",
+            ("replica",), registry=reg,
         )
 
         # Embedding sender.

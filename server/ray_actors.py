@@ -21,7 +21,7 @@ import contextlib
 import logging
 import os
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,7 +36,7 @@ from dvd_serve.common.process_memory import ask_engine_processes_to_record, reco
 from dvd_serve.lm_worker.engine import ENGINE_DEAD_CODE, engine_dead_error
 from dvd_serve.server.local_generation import generate_with_embeddings, vision_seconds
 from dvd_serve.server.replica_outbox import DeltaOutbox, ReplicaRequests
-from dvd_serve.server.replica_choice import least_outstanding
+from dvd_serve.server.replica_choice import content_affine
 from dvd_serve.server.serve_config import PoolConfig, ServeConfig
 
 logger = logging.getLogger(__name__)
@@ -301,9 +301,10 @@ class CoupledActor(_Replica):
 
         async def answer() -> AsyncIterator[GenerationDelta]:
             outcome = VisionOutcome()
-            encoded = await vision.encode(job.images, outcome) if job.images else []
-            images = [image.embeddings for image in encoded]
-            async for delta in generate_with_embeddings(engine, job, images, vision_seconds(outcome)):
+            encoded = await vision.encode_named(job.images, outcome) if job.images else []
+            images = [image.embeddings for image, _ in encoded]
+            image_ids = [identity.hex() for _, identity in encoded]
+            async for delta in generate_with_embeddings(engine, job, images, vision_seconds(outcome), image_ids):
                 yield delta
 
         self._start(subscriber, job.request_id, answer(), engine.abort)
@@ -456,13 +457,15 @@ class ReplicaPool:
     def _may_come_back(self) -> bool:
         return any(replica.reviving is not None and not replica.reviving.done() for replica in self.replicas)
 
-    def choose(self, exclude: frozenset[int] = frozenset()) -> Replica:
-        """The live replica with the least outstanding work (ties rotate); UnavailableError if none is live."""
+    def choose(self, exclude: frozenset[int] = frozenset(), affinity: Sequence[bytes] = (),
+               strict_affinity: bool = False) -> Replica:
+        """The live replica with the least outstanding work (ties rotate), or with `affinity` keys the one those
+        keys prefer within a load bound (`content_affine`); UnavailableError if none is live."""
         loads = [
             replica.outstanding if replica.alive and replica.index not in exclude else None
             for replica in self.replicas
         ]
-        index = least_outstanding(loads, self._cursor)
+        index = content_affine(loads, affinity, self._cursor, strict=strict_affinity)
         if index is None:
             raise self._no_replica()
         self._cursor = index + 1

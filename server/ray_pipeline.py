@@ -1,7 +1,9 @@
 """`RayPipeline`: the `ChatPipeline` behind the gateway, over Ray actor pools started from a `ServeConfig`.
 
-Per request (dvd topology): choose the language replica with the least outstanding work, start the vision work
-(`VisionActor.process`, pushing embeddings to that replica's gRPC sink) and the language stream
+Per request (dvd topology): choose the language replica (least outstanding work; a request with images prefers the
+replica its images hash to, within a load bound, where their prompt prefix is cached), start the vision work
+(`VisionActor.process` on the vision replica chosen the same way, where their embeddings are cached; pushing the
+embeddings to the language replica's gRPC sink) and the language stream
 (`LanguageActor.generate`, which waits for the embeddings) at the same time, and pass the deltas on. Requests
 without images skip the vision pool. In the coupled topology one `CoupledActor` call does both.
 
@@ -33,6 +35,7 @@ from dvd_serve.lm_worker.engine import ENGINE_DEAD_CODE
 from dvd_serve.proto.status import SINK_UNAVAILABLE_CODE
 from dvd_serve.server.local_generation import vision_seconds
 from dvd_serve.server.metrics import ServingMetrics
+from dvd_serve.server.replica_choice import affinity_key
 from dvd_serve.server.ray_actors import (
     AdmissionPlace,
     CoupledActor,
@@ -264,8 +267,11 @@ class RayPipeline:
         reached the client yet), once more from another live one (or the same one, restarted), its vision work
         and embedding push included."""
         pool = self.pools["coupled" if self.config.topology == "coupled" else "language"]
+        coupled_uuid = pool.name == "coupled" and _has_bare_uuid(job)
         deadline = None if job.deadline_s is None else time.monotonic() + job.deadline_s
-        replica = pool.choose()
+        # A repeated image's prompt prefix is in the KV cache of the replica that answered it before (and, coupled,
+        # its embeddings in that replica's vision cache).
+        replica = pool.choose(affinity=_image_affinity(job, pool), strict_affinity=coupled_uuid)
         for attempt in range(1 + LANGUAGE_RETRIES):
             streamed = False
             try:
@@ -387,8 +393,9 @@ class RayPipeline:
     async def _encode_with_retries(self, job: ChatJob, lm_address: str) -> VisionOutcome:
         pool = self.pools["vision"]
         tried: set[int] = set()
+        affinity = _image_affinity(job, pool)
         while True:
-            replica = pool.choose(frozenset(tried))
+            replica = pool.choose(frozenset(tried), affinity, strict_affinity=_has_bare_uuid(job))
             with self._tracked(pool, replica):
                 call = replica.handle.process.remote(job.request_id, job.images, lm_address)
                 try:
@@ -408,7 +415,7 @@ class RayPipeline:
                     continue
                 except RayError as error:
                     raise to_serving_error(error, pool.name) from None
-            self._record_vision(outcome)
+            self._record_vision(outcome, replica.name)
             return outcome
 
     @contextlib.contextmanager
@@ -424,10 +431,14 @@ class RayPipeline:
             if gauge is not None:
                 gauge.dec()
 
-    def _record_vision(self, outcome: VisionOutcome) -> None:
+    def _record_vision(self, outcome: VisionOutcome, replica_name: str) -> None:
         metrics = self._metrics
         if metrics is None:
             return
+        metrics.vision_cache_lookups.labels("hit").inc(outcome.cache_hits)
+        metrics.vision_cache_lookups.labels("miss").inc(outcome.cache_misses)
+        metrics.vision_cache_evictions.inc(outcome.cache_evictions)
+        metrics.vision_cache_bytes.labels(replica_name).set(outcome.cache_bytes_held)
         metrics.fetch_decode_seconds.observe(outcome.fetch_decode_s)
         metrics.preprocess_seconds.observe(outcome.preprocess_s)
         metrics.vision_queue_seconds.observe(outcome.queue_wait_s)
@@ -439,6 +450,16 @@ class RayPipeline:
             metrics.visual_tokens_per_image.observe(tokens)
             if tiles:
                 metrics.router_compression_ratio.observe(tokens / (self._full_tile_tokens * len(tiles)))
+
+
+def _image_affinity(job: ChatJob, pool: ReplicaPool) -> list[bytes]:
+    """Affinity keys of the job's images for `pool` (none when the pool has one replica: nothing is hashed)."""
+    return [affinity_key(part.url, part.uuid) for part in job.images] if len(pool.replicas) > 1 else []
+
+
+def _has_bare_uuid(job: ChatJob) -> bool:
+    """Whether an image is named by its uuid alone (only the replica that saw its bytes can have it)."""
+    return any(not part.url for part in job.images)
 
 
 def _first_timings(reported: StageTimings | None, outcome: VisionOutcome | None) -> StageTimings:

@@ -78,6 +78,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     parser.add_argument("--drain-timeout", type=float, default=30.0,
                         help="seconds running requests may take to finish on shutdown (default: 30)")
     _add_fault_arguments(parser)
+    _add_cache_arguments(parser)
     parser.add_argument("--log-level", choices=("debug", "info", "warning", "error"), default="info")
     parser.set_defaults(run=run)
     return parser
@@ -96,6 +97,16 @@ def _add_fault_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--memory-report", metavar="DIR",
                         help="every replica appends samples of its own memory (RSS, malloc, Python objects) to "
                         f"DIR/memory-<role>-<pid>.csv every {interval_s:g} s, to diagnose growth (default: off)")
+
+
+def _add_cache_arguments(parser: argparse.ArgumentParser) -> None:
+    """Caches of repeated work; defaults from their config fields."""
+    from dvd_serve.server.serve_config import ServeConfig
+
+    parser.add_argument("--vision-cache-mib", type=float, metavar="MIB",
+                        help="host memory per vision replica for its cache of encoded images, so a repeated image "
+                        "skips decoding, tiling and the ViT; 0 turns it off (default: "
+                        f"{ServeConfig.model_fields['vision_cache_mib'].default:g})")
 
 
 def _add_limit_arguments(parser: argparse.ArgumentParser) -> None:
@@ -131,7 +142,8 @@ def config_from_args(args: argparse.Namespace):
         "max_images_per_request": args.max_images_per_request,
         "max_num_seqs": args.max_num_seqs,
         "scheduling_policy": args.scheduling_policy,
-        **_given({"tool_call_parser": args.tool_call_parser, "reasoning_parser": args.reasoning_parser}),
+        **_given({"tool_call_parser": args.tool_call_parser, "reasoning_parser": args.reasoning_parser,
+                  "vision_cache_mib": args.vision_cache_mib}),
         "vision_pool": _pool(args, "vision"),
         "language_pool": _pool(args, "lm"),
         "image_fetch": {"allow_private_networks": args.allow_private_image_urls},

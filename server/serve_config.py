@@ -116,6 +116,10 @@ class ServeConfig(FrozenConfig):
         default_factory=UrlFetchConfig, description="SSRF guard and caps for http(s) image URLs."
     )
     preprocess_threads: int = Field(default=2, ge=1, description="Threads per vision replica tiling images.")
+    vision_cache_mib: float = Field(
+        default=VisionWorkerConfig.model_fields["cache_mib"].default, ge=0.0,
+        description="Host memory (MiB) per vision replica for its cache of encoded images; 0 turns it off.",
+    )
     max_num_seqs: int = Field(default=64, ge=1, description="Requests one language replica decodes together.")
     gpu_memory_utilization: float = Field(
         default=0.9, gt=0.0, le=1.0, description="Share of GPU memory vLLM may take (ignored on CPU)."
@@ -207,6 +211,7 @@ class ServeConfig(FrozenConfig):
             max_tiles_per_image=self.gateway.max_tiles_per_image,
             push_timeout_s=self.push_timeout_s,
             grpc_auth_token=self._token(),
+            cache_mib=self.vision_cache_mib,
         )
 
     def language_engine_config(self) -> LanguageEngineConfig:

@@ -352,7 +352,8 @@ def test_coupled_topology_has_no_vision_group(tools_bin, tmp_path) -> None:
     groups = ray_cluster_groups(render_documents(tools_bin, (values_file,)))
     assert sorted(groups) == ["head", "language"]
     head_args = groups["head"]["template"]["spec"]["containers"][0]["args"][0]
-    assert "--topology coupled" in head_args and "--vision-" not in head_args
+    pool_flags = [flag for flag in head_args.split() if flag.startswith("--vision-") and flag != "--vision-cache-mib"]
+    assert "--topology coupled" in head_args and pool_flags == []  # the cache flag holds for coupled replicas too
 
 
 # --- Probes, images, values ---------------------------------------------------------------------------------------

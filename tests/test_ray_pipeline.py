@@ -15,7 +15,7 @@ import pytest_asyncio
 
 from dvd_serve.common.chat import ChatJob, ChatMessage, Detail, ImagePart, SamplingConfig, TextPart
 from dvd_serve.common.errors import InvalidRequestError, PayloadTooLargeError, ServingError, UnavailableError
-from dvd_serve.server.replica_choice import least_outstanding
+from dvd_serve.server.replica_choice import affinity_key, content_affine, least_outstanding
 from dvd_serve.server.serve_config import PoolConfig, ServeConfig
 from tests.dvd_fixtures import data_url, local_ray, ray_test_config, synthetic_image  # noqa: F401 (fixture)
 
@@ -194,6 +194,30 @@ async def test_text_only_requests_skip_the_vision_pool(pipelines):
     assert _sample_count(encodes) == encodes_before
 
 
+@pytest.mark.slow
+@pytest.mark.asyncio(loop_scope="module")
+@pytest.mark.parametrize("topology", ["dvd", "coupled"])
+async def test_a_repeated_image_is_answered_from_the_caches_with_the_same_tokens(pipelines, topology):
+    lookups = pipelines["metrics"].vision_cache_lookups
+    images = (synthetic_image(896, 448, seed=41), synthetic_image(448, 448, seed=42))
+    parts = tuple(ImagePart(url=data_url(image), detail=Detail.AUTO) for image in images)
+
+    def job(request_id: str) -> ChatJob:
+        return _job(request_id, parts + (TextPart("Describe both images."),))
+
+    hits_before = lookups.labels("hit")._value.get()
+    first, first_deltas = await _run(pipelines[topology], job(f"repeat-1-{topology}"))
+    second, second_deltas = await _run(pipelines[topology], job(f"repeat-2-{topology}"))
+    assert second == first and len(first) == MAX_TOKENS
+    prompt_tokens = first_deltas[0].prompt_token_count
+    assert second_deltas[0].prompt_token_count == prompt_tokens
+    # vLLM's prefix cache recognised the same embeddings (named by their identity): all but the last block.
+    assert second_deltas[0].cached_prompt_tokens >= prompt_tokens - 64 > 0
+    if topology == "dvd":  # both images found in the cache of the replica they hash to
+        assert lookups.labels("hit")._value.get() == hits_before + 2
+        assert second_deltas[-1].timings.vision_s < first_deltas[-1].timings.vision_s
+
+
 def _sample_count(histogram) -> float:
     return next(sample.value for metric in histogram.collect() for sample in metric.samples
                 if sample.name.endswith("_count"))
@@ -243,12 +267,14 @@ async def test_a_dead_vision_replica_is_replaced_by_a_live_one(pipelines):
 
     dvd = pipelines["dvd"]
     expected, _ = await _run(pipelines["coupled"], _image_job("reference"))
-    victim = dvd.pools["vision"].replicas[0]
+    pool = dvd.pools["vision"]
+    job = _image_job("after-kill")
+    # The replica the job's images hash to (content affinity): the job goes there first.
+    victim = pool.replicas[content_affine([0] * len(pool.replicas), [affinity_key(p.url, None) for p in job.images])]
     ray.kill(victim.handle, no_restart=True)
 
-    for index in range(2):  # least-outstanding with rotating ties sends one of these to the dead replica
-        tokens, _ = await _run(dvd, _image_job(f"after-kill-{index}"))
-        assert tokens == expected
+    tokens, _ = await _run(dvd, job)
+    assert tokens == expected
     assert not victim.alive
     assert await dvd.readiness() == {"language": True, "vision": True}
 
@@ -259,7 +285,7 @@ async def test_a_crashed_vision_replica_is_restarted_and_used_again(pipelines):
     import ray
 
     dvd = pipelines["dvd"]
-    replica = dvd.pools["vision"].replicas[1]  # replica 0 is gone for good (test above)
+    (replica,) = [r for r in dvd.pools["vision"].replicas if r.alive]  # the other is gone for good (test above)
     crashed_pid = replica.info.pid
     ray.kill(replica.handle, no_restart=False)  # like a crash: Ray restarts it (max_restarts=-1)
     try:

@@ -235,6 +235,32 @@ def test_text_only_answer_equals_vllms(servers):
 
 
 @pytest.mark.slow
+def test_a_repeated_image_by_data_or_by_uuid_alone_gives_the_same_answer_from_the_caches(servers):
+    ours, reference = servers
+    image = {"url": data_url(synthetic_image(896, 896, seed=21)), "detail": "high"}
+    sent = [{"type": "image_url", "image_url": image, "uuid": "e2e-doc-1"}, {"type": "text", "text": "Read it."}]
+    by_uuid = [{"type": "image_url", "image_url": None, "uuid": "e2e-doc-1"}, {"type": "text", "text": "Read it."}]
+    first = _greedy(ours.client(), sent, stream=False)
+    _assert_same_answer(first, _greedy(reference.client(), sent, stream=False))
+    assert _greedy(ours.client(), sent, stream=True)[:2] == first[:2]
+    assert _greedy(ours.client(), by_uuid, stream=False)[:2] == first[:2]
+
+    unknown = [{"type": "image_url", "uuid": "never-sent"}, {"type": "text", "text": "Read it."}]
+    with pytest.raises(openai.BadRequestError) as refused:
+        _greedy(ours.client(max_retries=0), unknown, stream=False)
+    error = refused.value.body
+    assert (error["code"], error["param"]) == ("image_not_cached", "messages[0].content[0].uuid")
+
+    metrics = urllib.request.urlopen(ours.base_url + "/metrics", timeout=10).read().decode()
+    assert _counter(metrics, 'dvd_vision_cache_lookups_total{result="hit"}') >= 2
+    assert _counter(metrics, "vllm:prefix_cache_hits_total{") > 0
+
+
+def _counter(exposition: str, prefix: str) -> float:
+    return sum(float(line.rsplit(" ", 1)[1]) for line in exposition.splitlines() if line.startswith(prefix))
+
+
+@pytest.mark.slow
 def test_sigterm_drains_running_requests_and_exits_cleanly(servers):
     ours, _ = servers
     client = ours.client(max_retries=0)

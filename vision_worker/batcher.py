@@ -2,7 +2,7 @@
 
 Requests queue up; one loop takes the first waiting request, then keeps adding requests until the batch holds
 `max_tiles_per_batch` tiles or `max_wait_ms` has passed since the first was taken, and runs them as one
-`encode_requests` call in a dedicated thread (torch releases the GIL, so the event loop keeps serving).
+`encode_tiles` call in a dedicated thread (torch releases the GIL, so the event loop keeps serving).
 Routing stays per request, so a request's tokens never depend on its batch neighbours.
 """
 
@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pydantic import Field
 
 from dvd_serve.common.config import FrozenConfig
-from dvd_serve.vision_worker.encoder import EncodedImage, EncodeRequest
+from dvd_serve.vision_worker.encoder import EncodeRequest, TileEmbeddings
 
 
 class BatchingConfig(FrozenConfig):
@@ -39,14 +39,14 @@ class _Pending:
 
 @dataclass(frozen=True, slots=True)
 class BatchResult:
-    images: list[EncodedImage]
+    images: list[TileEmbeddings]
     queue_wait_s: float  # from enqueue to the start of its batch
     encode_s: float  # wall time of the batch it ran in
     batch_tiles: int
 
 
 class VisionBatcher:
-    def __init__(self, encode: Callable[[Sequence[EncodeRequest]], list[list[EncodedImage]]],
+    def __init__(self, encode: Callable[[Sequence[EncodeRequest]], list[list[TileEmbeddings]]],
                  config: BatchingConfig) -> None:
         self._encode = encode
         self._config = config

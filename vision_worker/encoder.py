@@ -6,7 +6,7 @@ projector each tile needs runs (the reference computes both for every tile).
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -17,6 +17,7 @@ from pydantic import Field
 from dvd_serve.common.chat import Detail
 from dvd_serve.common.checkpoint.spec import CheckpointSpec
 from dvd_serve.common.config import FrozenConfig
+from dvd_serve.router.decision import TOKENS_COMPRESSED, TOKENS_FULL, decide_compression
 from dvd_serve.vision_worker.projector import make_mlp1, make_mlp2, shuffle_to_tokens
 from dvd_serve.vision_worker.vision_weights import load_vision_tensors
 from dvd_serve.vision_worker.vit import InternViT, VitConfig
@@ -56,6 +57,34 @@ class EncodedImage:
 
     embeddings: torch.Tensor  # [tokens, llm_hidden]
     tokens_per_tile: tuple[int, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class TileEmbeddings:
+    """One image's projected tiles before its request's routing picks 256 or 64 tokens per tile (CPU tensors)."""
+
+    full: torch.Tensor | None  # [tiles, 256, llm_hidden] from mlp1; None for a Flash `low` image
+    small: torch.Tensor | None  # [tiles, 64, llm_hidden] from mlp2; Flash `low` and `auto` images only
+    p0: torch.Tensor | None  # float32 [tiles], the router's probability that 64 tokens suffice; Flash `auto` only
+
+    @property
+    def tiles(self) -> int:
+        present = self.full if self.full is not None else self.small
+        return int(present.shape[0])  # type: ignore[union-attr]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.full, self.small, self.p0) if t is not None)
+
+    def select(self, compress: torch.Tensor) -> EncodedImage:
+        """compress: bool [tiles] (True = 64 tokens) -> the image's embeddings in tile order."""
+        flags = compress.tolist()
+        if not any(flags):
+            return EncodedImage(self.full.flatten(0, 1), (TOKENS_FULL,) * len(flags))  # type: ignore[union-attr]
+        if all(flags):
+            return EncodedImage(self.small.flatten(0, 1), (TOKENS_COMPRESSED,) * len(flags))  # type: ignore[union-attr]
+        rows = [self.small[t] if flag else self.full[t] for t, flag in enumerate(flags)]  # type: ignore[index]
+        return EncodedImage(torch.cat(rows), tuple(TOKENS_COMPRESSED if flag else TOKENS_FULL for flag in flags))
 
 
 def _resolve_device(device: str) -> torch.device:
@@ -120,6 +149,13 @@ class VisionEncoder:
             if module is not None:
                 module.to(device=device, dtype=dtype).eval()
 
+    @property
+    def router_thresholds(self) -> tuple[float, float] | None:
+        """(relative, absolute) of the router in use, None without one."""
+        if self.router is None:
+            return None
+        return self.router.config.relative_threshold, self.router.config.absolute_threshold
+
     @classmethod
     def from_config(cls, config: VisionEncoderConfig) -> "VisionEncoder":
         spec = CheckpointSpec.from_dir(config.model)
@@ -160,33 +196,72 @@ class VisionEncoder:
         return self.project(features, flags, [image.shape[0] for image in images])
 
     @torch.inference_mode()
-    def encode_requests(self, requests: Sequence[EncodeRequest]) -> list[list[EncodedImage]]:
-        """Encode the images of several requests in one ViT pass; route each request's tiles on their own."""
+    def encode_tiles(self, requests: Sequence[EncodeRequest]) -> list[list[TileEmbeddings]]:
+        """Encode the images of several requests in one ViT pass, up to what each image's detail may need.
+
+        Nothing here depends on a request's other images, so the result of one image can be cached and reused in
+        any later request; `assemble` then takes the per-request routing decisions.
+        """
         images = [image for request in requests for image in request.images]
-        tiles_per_image = [image.shape[0] for image in images]
-        features = self.vit_features(torch.cat(images))
-        compress = self.route(features, requests)
-        encoded = self.project(features, compress, tiles_per_image)
-        out: list[list[EncodedImage]] = []
-        start = 0
+        details = [self._encoded_detail(detail) for request in requests for detail in request.details]
+        features = self.vit_features(torch.cat(images))  # [tiles, 1024, vit]
+        bounds = _bounds([image.shape[0] for image in images])
+        full = self._project_selected(self.mlp1, features, bounds, [d is not Detail.LOW for d in details], 0.5)
+        small = self._project_selected(self.mlp2, features, bounds, [d is not Detail.HIGH for d in details], 0.25)
+        p0 = self._scores_selected(features, bounds, [d is Detail.AUTO for d in details])
+        encoded = [TileEmbeddings(full=f, small=s, p0=p) for f, s, p in zip(full, small, p0, strict=True)]
+        out: list[list[TileEmbeddings]] = []
         for request in requests:
-            out.append(encoded[start:start + len(request.images)])
-            start += len(request.images)
+            out.append(encoded[:len(request.images)])
+            encoded = encoded[len(request.images):]
         return out
 
-    def route(self, features: torch.Tensor, requests: Sequence[EncodeRequest]) -> torch.Tensor:
-        """features: [tiles, 1024, vit] of `requests` laid end to end -> bool [tiles], True = 64 tokens.
+    def assemble(self, images: Sequence[TileEmbeddings], details: Sequence[Detail]) -> list[EncodedImage]:
+        """One request's images -> embeddings: `high` tiles keep 256 tokens, `low` take 64, and the tiles of `auto`
+        images are decided by the ViR rule over the `auto` tiles of this request (its quantile spans them all)."""
+        details = [self._encoded_detail(detail) for detail in details]
+        compress = [torch.full((image.tiles,), detail is Detail.LOW) for image, detail in zip(images, details)]
+        auto = [index for index, detail in enumerate(details) if detail is Detail.AUTO]
+        if auto:
+            config = self.router.config  # type: ignore[union-attr]  # `auto` survives only on Flash
+            decided = decide_compression(
+                torch.cat([images[index].p0 for index in auto]),  # type: ignore[misc]
+                config.relative_threshold, config.absolute_threshold,
+            )
+            for index, flags in zip(auto, decided.split([images[index].tiles for index in auto]), strict=True):
+                compress[index] = flags
+        return [image.select(flags) for image, flags in zip(images, compress, strict=True)]
 
-        `high` images keep 256 tokens, `low` images get 64 (Flash), `auto` images are routed by the ViR rule with
-        the quantile taken over the `auto` tiles of their own request.
-        """
-        if self.router is None:
-            return torch.zeros(features.shape[0], dtype=torch.bool)
-        return self.router.route(
-            features,
-            [[image.shape[0] for image in request.images] for request in requests],
-            [list(request.details) for request in requests],
-        )
+    def encode_requests(self, requests: Sequence[EncodeRequest]) -> list[list[EncodedImage]]:
+        """`encode_tiles` then `assemble` per request: the embeddings of requests encoded without a cache."""
+        return [
+            self.assemble(images, request.details)
+            for images, request in zip(self.encode_tiles(requests), requests, strict=True)
+        ]
+
+    def _encoded_detail(self, detail: Detail) -> Detail:
+        # Without a router every tile has 256 tokens (`low` is a tiling choice there: one thumbnail tile).
+        return Detail(detail) if self.router is not None else Detail.HIGH
+
+    def _project_selected(self, mlp: torch.nn.Module | None, features: torch.Tensor, bounds: list[tuple[int, int]],
+                          wanted: list[bool], scale: float) -> list[torch.Tensor | None]:
+        """Runs `mlp` once over the tiles of the wanted images -> per image [tiles, tokens, llm] on the CPU."""
+        if mlp is None or not any(wanted):
+            return [None] * len(bounds)
+        chosen = [bound for bound, want in zip(bounds, wanted) if want]
+        tokens = mlp(shuffle_to_tokens(torch.cat([features[start:end] for start, end in chosen]), scale)).cpu()
+        per_image = iter(tokens.split([end - start for start, end in chosen]))
+        return [next(per_image) if want else None for want in wanted]
+
+    def _scores_selected(self, features: torch.Tensor, bounds: list[tuple[int, int]],
+                         wanted: list[bool]) -> list[torch.Tensor | None]:
+        """The router's p0 (float32 [tiles], CPU) for the tiles of the wanted images."""
+        if self.router is None or not any(wanted):
+            return [None] * len(bounds)
+        chosen = [bound for bound, want in zip(bounds, wanted) if want]
+        p0 = self.router.compress_probability(torch.cat([features[start:end] for start, end in chosen])).float().cpu()
+        per_image = iter(p0.split([end - start for start, end in chosen]))
+        return [next(per_image) if want else None for want in wanted]
 
     @torch.inference_mode()
     def project(self, features: torch.Tensor, compress: torch.Tensor, tiles_per_image: Sequence[int]) -> list[EncodedImage]:
@@ -214,6 +289,12 @@ class VisionEncoder:
             ))
             start += count
         return results
+
+
+def _bounds(tiles_per_image: Sequence[int]) -> list[tuple[int, int]]:
+    """Tile counts -> each image's [start, end) in the tiles laid end to end."""
+    ends = torch.tensor(list(tiles_per_image)).cumsum(0).tolist()
+    return [(end - count, end) for count, end in zip(tiles_per_image, ends)]
 
 
 def _first_set(override: float | None, checkpoint_value: float | None) -> float:

@@ -1,8 +1,10 @@
 """VisionWorker: all the vision work of a request, from image references to embeddings at a language replica.
 
-Per request: fetch/decode every image concurrently, tile and normalise them (thread pool), encode together with
-other requests' images (dynamic batching, routing per request), then push each image's embeddings to the
-language replica chosen for the request over the gRPC hop.
+Per request: fetch every image concurrently and look its bytes up in the replica's embedding cache; decode, tile
+and normalise the images it lacks (thread pool) and encode them together with other requests' images (dynamic
+batching); route the request's tiles (ViR, per request, from cached or fresh p0); then push each image's embeddings
+to the language replica chosen for the request over the gRPC hop, under an identity that lets vLLM's prefix cache
+recognise them.
 """
 
 from __future__ import annotations
@@ -16,10 +18,24 @@ from pydantic import Field
 
 from dvd_serve.common.chat import Detail, ImagePart
 from dvd_serve.common.config import FrozenConfig
-from dvd_serve.common.errors import ServingError
+from dvd_serve.common.errors import InvalidRequestError, ServingError
 from dvd_serve.vision_worker.batcher import BatchingConfig, VisionBatcher
+from dvd_serve.vision_worker.embedding_cache import (
+    EmbeddingCache,
+    UuidRecord,
+    content_digest,
+    embedding_identity,
+    encoder_identity,
+    image_cache_key,
+)
 from dvd_serve.vision_worker.embedding_sender import EmbeddingSender, EmbeddingSenderConfig
-from dvd_serve.vision_worker.encoder import EncodedImage, EncodeRequest, VisionEncoder, VisionEncoderConfig
+from dvd_serve.vision_worker.encoder import (
+    EncodedImage,
+    EncodeRequest,
+    TileEmbeddings,
+    VisionEncoder,
+    VisionEncoderConfig,
+)
 from dvd_serve.vision_worker.image_decode import DecodeLimits, decode_image
 from dvd_serve.vision_worker.image_source import load_image_bytes
 from dvd_serve.vision_worker.preprocess import ImagePreprocessor
@@ -41,6 +57,11 @@ class VisionWorkerConfig(FrozenConfig):
         "`max_tiles`; None = the checkpoint's own maximum (max_dynamic_patch).",
     )
     push_timeout_s: float = Field(default=30.0, gt=0, description="Deadline of one embedding push.")
+    cache_mib: float = Field(
+        default=1024.0, ge=0.0,
+        description="Host memory (MiB) for this replica's cache of encoded images, keyed by their bytes and "
+        "settings; repeated images skip decoding, tiling and the ViT. 0 turns it off.",
+    )
     grpc_auth_token: str | None = Field(default=None, description="Token presented to language replicas' sinks.")
 
 
@@ -57,6 +78,21 @@ class VisionOutcome:
     batch_tiles: int = 0
     transfer_s: float = 0.0
     transfer_bytes: int = 0
+    cache_hits: int = 0  # images found in the replica's embedding cache
+    cache_misses: int = 0  # images encoded
+    cache_evictions: int = 0  # entries this request's images pushed out
+    cache_bytes_held: int = 0  # what the replica's cache held when the request was done
+
+
+@dataclass(frozen=True, slots=True)
+class _Source:
+    """An image's bytes (None: a `uuid` alone named them), their content digest and the settings they are encoded
+    with."""
+
+    data: bytes | None
+    digest: bytes
+    detail: Detail
+    tile_cap: int
 
 
 class VisionWorker:
@@ -65,7 +101,9 @@ class VisionWorker:
         self.encoder = encoder
         self.spec = encoder.spec
         self._preprocessor = ImagePreprocessor.from_spec(self.spec, num_threads=config.preprocess_threads)
-        self._batcher = VisionBatcher(encoder.encode_requests, config.batching)
+        self._batcher = VisionBatcher(encoder.encode_tiles, config.batching)
+        self.cache = EmbeddingCache(int(config.cache_mib * 2**20))
+        self._identity = encoder_identity(config.encoder.model, str(encoder.dtype), encoder.router_thresholds)
         self._senders: dict[str, EmbeddingSender] = {}
 
     @classmethod
@@ -74,37 +112,74 @@ class VisionWorker:
 
     async def encode(self, images: Sequence[ImagePart], outcome: VisionOutcome | None = None) -> list[EncodedImage]:
         """Image references -> embeddings, without sending them anywhere (used by the coupled topology)."""
-        outcome = outcome if outcome is not None else VisionOutcome()
-        started = time.monotonic()
-        decoded = await asyncio.gather(*(self._load(part) for part in images))
-        outcome.fetch_decode_s = time.monotonic() - started
-        started = time.monotonic()
-        tiles = await asyncio.to_thread(
-            self._preprocessor.preprocess, decoded, [self._max_tiles(part) for part in images]
-        )
-        outcome.preprocess_s = time.monotonic() - started
-        details = [self._effective_detail(part) for part in images]
-        result = await self._batcher.submit(EncodeRequest(images=tiles, details=details))
-        outcome.queue_wait_s, outcome.encode_s, outcome.batch_tiles = (
-            result.queue_wait_s, result.encode_s, result.batch_tiles
-        )
-        outcome.tokens_per_tile = [image.tokens_per_tile for image in result.images]
-        outcome.tokens_per_image = [int(image.embeddings.shape[0]) for image in result.images]
-        return result.images
+        return [image for image, _ in await self.encode_named(images, outcome)]
 
     async def process(self, request_id: str, images: Sequence[ImagePart], lm_address: str) -> VisionOutcome:
         """Encode `images` and push them to the language replica at `lm_address` under `request_id`."""
         outcome = VisionOutcome()
-        encoded = await self.encode(images, outcome)
+        encoded = await self.encode_named(images, outcome)
         sender = self._sender(lm_address)
         started = time.monotonic()
         await asyncio.gather(*(
-            sender.push(request_id, index, image.embeddings, image.tokens_per_tile, timeout=self.config.push_timeout_s)
-            for index, image in enumerate(encoded)
+            sender.push(request_id, index, image.embeddings, image.tokens_per_tile, timeout=self.config.push_timeout_s,
+                        content_hash=identity)
+            for index, (image, identity) in enumerate(encoded)
         ))
         outcome.transfer_s = time.monotonic() - started
-        outcome.transfer_bytes = sum(image.embeddings.numel() * image.embeddings.element_size() for image in encoded)
+        outcome.transfer_bytes = sum(image.embeddings.numel() * image.embeddings.element_size() for image, _ in encoded)
         return outcome
+
+    async def encode_named(
+        self, images: Sequence[ImagePart], outcome: VisionOutcome | None
+    ) -> list[tuple[EncodedImage, bytes]]:
+        """Each image's embeddings and their identity (`embedding_identity`), from the cache where it has them."""
+        outcome = outcome if outcome is not None else VisionOutcome()
+        started = time.monotonic()
+        sources = await asyncio.gather(*(self._source(part) for part in images))
+        details = [source.detail for source in sources]
+        keys = [image_cache_key(source.digest, source.detail, source.tile_cap, self._identity) for source in sources]
+        found: dict[bytes, TileEmbeddings] = {}
+        wanted: dict[bytes, int] = {}  # key -> first image that needs encoding; a repeat in the request waits on it
+        for index, key in enumerate(keys):
+            entry = found.get(key) or self.cache.get(key)
+            if entry is not None:
+                found[key] = entry
+                outcome.cache_hits += 1
+            elif sources[index].data is None:
+                raise _not_cached(images[index])
+            elif key not in wanted:
+                wanted[key] = index
+        outcome.cache_misses = len(images) - outcome.cache_hits
+        if wanted:
+            fresh = await self._encode_missing([images[i] for i in wanted.values()],
+                                               [sources[i] for i in wanted.values()], outcome, started)
+            for key, entry in zip(wanted, fresh, strict=True):
+                outcome.cache_evictions += self.cache.put(key, entry)
+                found[key] = entry
+        else:
+            outcome.fetch_decode_s = time.monotonic() - started
+        entries = [found[key] for key in keys]
+        encoded = self.encoder.assemble(entries, details)
+        outcome.tokens_per_tile = [image.tokens_per_tile for image in encoded]
+        outcome.tokens_per_image = [int(image.embeddings.shape[0]) for image in encoded]
+        outcome.cache_bytes_held = self.cache.stats().bytes_held
+        return [
+            (image, embedding_identity(key, image.tokens_per_tile))
+            for image, key in zip(encoded, keys, strict=True)
+        ]
+
+    async def _encode_missing(self, parts: list[ImagePart], sources: list[_Source], outcome: VisionOutcome,
+                              started: float) -> list[TileEmbeddings]:
+        decoded = await asyncio.gather(*(self._decode(part, source) for part, source in zip(parts, sources)))
+        outcome.fetch_decode_s = time.monotonic() - started
+        started = time.monotonic()
+        tiles = await asyncio.to_thread(self._preprocessor.preprocess, decoded, [s.tile_cap for s in sources])
+        outcome.preprocess_s = time.monotonic() - started
+        result = await self._batcher.submit(EncodeRequest(images=tiles, details=[s.detail for s in sources]))
+        outcome.queue_wait_s, outcome.encode_s, outcome.batch_tiles = (
+            result.queue_wait_s, result.encode_s, result.batch_tiles
+        )
+        return result.images
 
     async def close(self) -> None:
         await self._batcher.stop()
@@ -119,12 +194,33 @@ class VisionWorker:
             return Detail.HIGH
         return part.detail
 
-    async def _load(self, part: ImagePart):
+    async def _source(self, part: ImagePart) -> _Source:
+        """Fetches the bytes of `part` and digests them; a bare `uuid` gets what it was last sent with."""
+        if not part.url:
+            sent = self.cache.recall_uuid(part.uuid) if part.uuid else None
+            if sent is None:
+                raise _not_cached(part)
+            return _Source(None, sent.digest, sent.detail, sent.tile_cap)
         try:
             data = await load_image_bytes(part.url, self.config.fetch)
-            return await asyncio.to_thread(decode_image, data, self.config.decode)
         except ServingError as error:
             raise error.with_param(part.param) if part.param else error
+        digest = await asyncio.to_thread(content_digest, data)
+        source = _Source(data, digest, self._effective_detail(part), self._tile_cap(part))
+        if part.uuid:
+            self.cache.remember_uuid(part.uuid, UuidRecord(digest, source.detail, source.tile_cap))
+        return source
+
+    async def _decode(self, part: ImagePart, source: _Source):
+        try:
+            return await asyncio.to_thread(decode_image, source.data, self.config.decode)
+        except ServingError as error:
+            raise error.with_param(part.param) if part.param else error
+
+    def _tile_cap(self, part: ImagePart) -> int:
+        """The tile cap the image is cut with (part of its cache key)."""
+        cap = self._max_tiles(part)
+        return self.spec.max_tiles if cap is None else cap
 
     def _max_tiles(self, part: ImagePart) -> int | None:
         if part.detail is Detail.LOW and not self.spec.flash:
@@ -140,3 +236,11 @@ class VisionWorker:
             sender = EmbeddingSender(EmbeddingSenderConfig(target=address, auth_token=self.config.grpc_auth_token))
             self._senders[address] = sender
         return sender
+
+
+def _not_cached(part: ImagePart) -> InvalidRequestError:
+    return InvalidRequestError(
+        f"The image with uuid '{part.uuid}' is not cached on this server (it was never sent with its data, was "
+        "evicted, or was sent with other detail or tile settings); send it again with its 'image_url'.",
+        code="image_not_cached", param=part.param or None,
+    )

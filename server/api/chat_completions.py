@@ -193,6 +193,7 @@ def _record_finished(
         max_tokens=max_tokens,
         queue_s=None if result.timings is None else result.timings.queue_s,
         inference_s=None if result.timings is None else result.timings.inference_s,
+        cached_prompt_tokens=result.cached_prompt_tokens,
     ))
     metrics.e2e.observe(finished - started)
     metrics.prompt_tokens.inc(result.prompt_tokens)

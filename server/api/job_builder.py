@@ -382,6 +382,11 @@ def _content_part(
         raise _invalid("Images are only allowed in user messages.", param)
     spec = part.image_url
     image_param = f"{param}.image_url"
+    if spec is None:
+        if part.uuid is None:
+            raise _invalid("An image part needs 'image_url', or the 'uuid' of an image sent before.", image_param)
+        return ImagePart(url="", detail=config.default_detail, max_tiles=request_max_tiles, param=f"{param}.uuid",
+                         uuid=part.uuid)
     check_image_reference(spec.url, image_param)
     _check_tile_cap(spec.max_tiles, f"{image_param}.max_tiles", config)
     return ImagePart(
@@ -389,6 +394,7 @@ def _content_part(
         detail=Detail(spec.detail) if spec.detail else config.default_detail,
         max_tiles=spec.max_tiles if spec.max_tiles is not None else request_max_tiles,
         param=image_param,
+        uuid=part.uuid,
     )
 
 

@@ -80,7 +80,14 @@ class TextContentPart(RequestModel):
 
 class ImageContentPart(RequestModel):
     type: Literal["image_url"]
-    image_url: ImageUrlSpec
+    image_url: ImageUrlSpec | None = Field(
+        default=None, description="The image; may be null when `uuid` names an image this server was sent before."
+    )
+    uuid: str | None = Field(
+        default=None, min_length=1, max_length=256,
+        description="vLLM's per-part media id: names these bytes so that a later part may send the `uuid` alone. "
+        "It never replaces the content hash, so a reused uuid with new bytes gets the new image.",
+    )
 
 
 class RefusalContentPart(RequestModel):
