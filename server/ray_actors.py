@@ -465,7 +465,8 @@ class ReplicaPool:
             replica.outstanding if replica.alive and replica.index not in exclude else None
             for replica in self.replicas
         ]
-        index = content_affine(loads, affinity, self._cursor, strict=strict_affinity)
+        index = content_affine(loads, affinity, self._cursor, strict=strict_affinity,
+                               capacity=self._max_outstanding_per_replica)
         if index is None:
             raise self._no_replica()
         self._cursor = index + 1

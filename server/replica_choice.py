@@ -6,8 +6,9 @@ replica 0.
 
 `content_affine`: the replica most of a request's images hash to (rendezvous hashing of each image's affinity key
 over the available replicas, so a replica that goes away moves only its own images), as long as it carries no more
-than `load_factor` times its fair share of the outstanding work (consistent hashing with bounded loads); past that
-bound a hot image spills to the least-loaded replica instead of piling up on one.
+than `load_factor` times its fair share of the outstanding work (consistent hashing with bounded loads) and is below
+its per-replica capacity; past that bound a hot image spills to the least-loaded replica instead of piling up on
+one.
 """
 
 from __future__ import annotations
@@ -40,9 +41,12 @@ def content_affine(
     *,
     strict: bool = False,
     load_factor: float = AFFINITY_LOAD_FACTOR,
+    capacity: int | None = None,
 ) -> int | None:
     """Index of the replica the request's images prefer (see the module text); `strict` ignores the load bound
-    (for images named only by a client uuid, which just that replica can have). No keys: `least_outstanding`."""
+    (for images named only by a client uuid, which just that replica can have). `capacity` is the work one replica
+    is meant to hold (the pool's admission bound per replica): a preferred replica at it spills too. No keys:
+    `least_outstanding`."""
     available = [index for index, load in enumerate(outstanding) if load is not None]
     if not available or not affinity:
         return least_outstanding(outstanding, cursor)
@@ -50,6 +54,8 @@ def content_affine(
     preferred = max(votes, key=votes.__getitem__)  # ties: the first image's replica
     total = sum(outstanding[index] for index in available)  # type: ignore[misc]
     bound = math.ceil(load_factor * (total + 1) / len(available))
+    if capacity:
+        bound = min(bound, capacity)
     if strict or outstanding[preferred] + 1 <= bound:  # type: ignore[operator]
         return preferred
     return least_outstanding(outstanding, cursor)

@@ -94,6 +94,10 @@ def test_affinity_sends_an_image_to_the_same_replica_until_it_is_overloaded():
     busy[preferred] = 6  # far past its fair share: the image spills to the least-loaded replica
     assert content_affine(busy, [key]) != preferred
     assert content_affine(busy, [key], strict=True) == preferred  # a bare uuid can only be served there
+    at_capacity = [1, 1, 1]
+    at_capacity[preferred] = 2  # within the load bound, but at the replica's own capacity of 2
+    assert content_affine(at_capacity, [key]) == preferred
+    assert content_affine(at_capacity, [key], capacity=2) != preferred
     gone = [0, 0, 0]
     gone[preferred] = None  # type: ignore[call-overload]
     assert content_affine(gone, [key]) != preferred
