@@ -269,13 +269,14 @@ class RayPipeline:
         pool = self.pools["coupled" if self.config.topology == "coupled" else "language"]
         coupled_uuid = pool.name == "coupled" and _has_bare_uuid(job)
         deadline = None if job.deadline_s is None else time.monotonic() + job.deadline_s
-        # A repeated image's prompt prefix is in the KV cache of the replica that answered it before (and, coupled,
-        # its embeddings in that replica's vision cache).
-        replica = pool.choose(affinity=_image_affinity(job, pool), strict_affinity=coupled_uuid)
+        # Hashed once per job, for this pool and the vision pool: a repeated image's prompt prefix is in the KV cache
+        # of the replica that answered it before (and its embeddings in a vision or coupled replica's cache).
+        affinity = _image_affinity(job, [pool, *([self.pools["vision"]] if "vision" in self.pools else [])])
+        replica = pool.choose(affinity=affinity, strict_affinity=coupled_uuid)
         for attempt in range(1 + LANGUAGE_RETRIES):
             streamed = False
             try:
-                async with contextlib.aclosing(self._answer_on(job, pool, replica, vision_place)) as deltas:
+                async with contextlib.aclosing(self._answer_on(job, pool, replica, vision_place, affinity)) as deltas:
                     async for delta in deltas:
                         streamed = True
                         yield delta
@@ -296,7 +297,8 @@ class RayPipeline:
                 self._metrics.replica_retries.labels(pool.name, reason).inc()
 
     async def _answer_on(
-        self, job: ChatJob, pool: ReplicaPool, replica: Replica, vision_place: AdmissionPlace | None
+        self, job: ChatJob, pool: ReplicaPool, replica: Replica, vision_place: AdmissionPlace | None,
+        affinity: list[bytes],
     ) -> AsyncIterator[GenerationDelta]:
         coupled = pool.name == "coupled"
         vision_task = None
@@ -310,7 +312,7 @@ class RayPipeline:
                 else:
                     if job.images:
                         vision_task = asyncio.ensure_future(
-                            self._encode_and_push(job, replica.info.grpc_address, vision_place)
+                            self._encode_and_push(job, replica.info.grpc_address, vision_place, affinity)
                         )
                     submission = replica.handle.submit.remote(subscriber, without_image_data(job), len(job.images))
                 try:
@@ -379,21 +381,22 @@ class RayPipeline:
             pool.mark_dead(replica)
         return serving_error
 
-    async def _encode_and_push(self, job: ChatJob, lm_address: str, place: AdmissionPlace | None) -> VisionOutcome:
-        """Runs the job's vision work on the least-loaded vision replica, on another one if that replica dies.
+    async def _encode_and_push(self, job: ChatJob, lm_address: str, place: AdmissionPlace | None,
+                               affinity: list[bytes]) -> VisionOutcome:
+        """Runs the job's vision work on the vision replica its images' `affinity` keys pick (else the least
+        loaded), on another one if that replica dies.
 
         The job's place in the vision pool is given back as soon as its vision work ends.
         """
         try:
-            return await self._encode_with_retries(job, lm_address)
+            return await self._encode_with_retries(job, lm_address, affinity)
         finally:
             if place is not None:
                 place.release()
 
-    async def _encode_with_retries(self, job: ChatJob, lm_address: str) -> VisionOutcome:
+    async def _encode_with_retries(self, job: ChatJob, lm_address: str, affinity: list[bytes]) -> VisionOutcome:
         pool = self.pools["vision"]
         tried: set[int] = set()
-        affinity = _image_affinity(job, pool)
         while True:
             replica = pool.choose(frozenset(tried), affinity, strict_affinity=_has_bare_uuid(job))
             with self._tracked(pool, replica):
@@ -452,9 +455,12 @@ class RayPipeline:
                 metrics.router_compression_ratio.observe(tokens / (self._full_tile_tokens * len(tiles)))
 
 
-def _image_affinity(job: ChatJob, pool: ReplicaPool) -> list[bytes]:
-    """Affinity keys of the job's images for `pool` (none when the pool has one replica: nothing is hashed)."""
-    return [affinity_key(part.url, part.uuid) for part in job.images] if len(pool.replicas) > 1 else []
+def _image_affinity(job: ChatJob, pools: list[ReplicaPool]) -> list[bytes]:
+    """Affinity keys of the job's images (none when each of `pools` has one replica: there is nothing to choose,
+    and no URL is hashed)."""
+    if not any(len(pool.replicas) > 1 for pool in pools):
+        return []
+    return [affinity_key(part.url, part.uuid) for part in job.images]
 
 
 def _has_bare_uuid(job: ChatJob) -> bool:

@@ -6,7 +6,8 @@ projector each tile needs runs (the reference computes both for every tile).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import itertools
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -203,12 +204,15 @@ class VisionEncoder:
         any later request; `assemble` then takes the per-request routing decisions.
         """
         images = [image for request in requests for image in request.images]
-        details = [self._encoded_detail(detail) for request in requests for detail in request.details]
+        details = [self.encoded_detail(detail) for request in requests for detail in request.details]
         features = self.vit_features(torch.cat(images))  # [tiles, 1024, vit]
         bounds = _bounds([image.shape[0] for image in images])
-        full = self._project_selected(self.mlp1, features, bounds, [d is not Detail.LOW for d in details], 0.5)
-        small = self._project_selected(self.mlp2, features, bounds, [d is not Detail.HIGH for d in details], 0.25)
-        p0 = self._scores_selected(features, bounds, [d is Detail.AUTO for d in details])
+        full = _run_selected(lambda tiles: self.mlp1(shuffle_to_tokens(tiles, 0.5)), features, bounds,
+                             [d is not Detail.LOW for d in details])  # [tiles, 256, llm] per image
+        small = _run_selected(lambda tiles: self.mlp2(shuffle_to_tokens(tiles, 0.25)), features, bounds,
+                              [self.mlp2 is not None and d is not Detail.HIGH for d in details])  # [tiles, 64, llm]
+        p0 = _run_selected(lambda tiles: self.router.compress_probability(tiles).float(), features, bounds,
+                           [self.router is not None and d is Detail.AUTO for d in details])  # float32 [tiles]
         encoded = [TileEmbeddings(full=f, small=s, p0=p) for f, s, p in zip(full, small, p0, strict=True)]
         out: list[list[TileEmbeddings]] = []
         for request in requests:
@@ -219,7 +223,7 @@ class VisionEncoder:
     def assemble(self, images: Sequence[TileEmbeddings], details: Sequence[Detail]) -> list[EncodedImage]:
         """One request's images -> embeddings: `high` tiles keep 256 tokens, `low` take 64, and the tiles of `auto`
         images are decided by the ViR rule over the `auto` tiles of this request (its quantile spans them all)."""
-        details = [self._encoded_detail(detail) for detail in details]
+        details = [self.encoded_detail(detail) for detail in details]
         compress = [torch.full((image.tiles,), detail is Detail.LOW) for image, detail in zip(images, details)]
         auto = [index for index, detail in enumerate(details) if detail is Detail.AUTO]
         if auto:
@@ -239,29 +243,10 @@ class VisionEncoder:
             for images, request in zip(self.encode_tiles(requests), requests, strict=True)
         ]
 
-    def _encoded_detail(self, detail: Detail) -> Detail:
-        # Without a router every tile has 256 tokens (`low` is a tiling choice there: one thumbnail tile).
+    def encoded_detail(self, detail: Detail) -> Detail:
+        """The detail the encoder works to: without a router every tile has 256 tokens (`high`); `low` is then a
+        tiling choice (one thumbnail tile) made before the encoder."""
         return Detail(detail) if self.router is not None else Detail.HIGH
-
-    def _project_selected(self, mlp: torch.nn.Module | None, features: torch.Tensor, bounds: list[tuple[int, int]],
-                          wanted: list[bool], scale: float) -> list[torch.Tensor | None]:
-        """Runs `mlp` once over the tiles of the wanted images -> per image [tiles, tokens, llm] on the CPU."""
-        if mlp is None or not any(wanted):
-            return [None] * len(bounds)
-        chosen = [bound for bound, want in zip(bounds, wanted) if want]
-        tokens = mlp(shuffle_to_tokens(torch.cat([features[start:end] for start, end in chosen]), scale)).cpu()
-        per_image = iter(tokens.split([end - start for start, end in chosen]))
-        return [next(per_image) if want else None for want in wanted]
-
-    def _scores_selected(self, features: torch.Tensor, bounds: list[tuple[int, int]],
-                         wanted: list[bool]) -> list[torch.Tensor | None]:
-        """The router's p0 (float32 [tiles], CPU) for the tiles of the wanted images."""
-        if self.router is None or not any(wanted):
-            return [None] * len(bounds)
-        chosen = [bound for bound, want in zip(bounds, wanted) if want]
-        p0 = self.router.compress_probability(torch.cat([features[start:end] for start, end in chosen])).float().cpu()
-        per_image = iter(p0.split([end - start for start, end in chosen]))
-        return [next(per_image) if want else None for want in wanted]
 
     @torch.inference_mode()
     def project(self, features: torch.Tensor, compress: torch.Tensor, tiles_per_image: Sequence[int]) -> list[EncodedImage]:
@@ -293,8 +278,19 @@ class VisionEncoder:
 
 def _bounds(tiles_per_image: Sequence[int]) -> list[tuple[int, int]]:
     """Tile counts -> each image's [start, end) in the tiles laid end to end."""
-    ends = torch.tensor(list(tiles_per_image)).cumsum(0).tolist()
-    return [(end - count, end) for count, end in zip(tiles_per_image, ends)]
+    return [(end - count, end) for count, end in zip(tiles_per_image, itertools.accumulate(tiles_per_image))]
+
+
+def _run_selected(module: Callable[[torch.Tensor], torch.Tensor], features: torch.Tensor,
+                  bounds: list[tuple[int, int]], wanted: list[bool]) -> list[torch.Tensor | None]:
+    """Runs `module` once over the tiles of the wanted images (features [tiles, 1024, vit]) -> its output split per
+    wanted image, on the CPU; None for the others."""
+    if not any(wanted):
+        return [None] * len(bounds)
+    chosen = [bound for bound, want in zip(bounds, wanted) if want]
+    output = module(torch.cat([features[start:end] for start, end in chosen])).cpu()
+    per_image = iter(output.split([end - start for start, end in chosen]))
+    return [next(per_image) if want else None for want in wanted]
 
 
 def _first_set(override: float | None, checkpoint_value: float | None) -> float:

@@ -79,7 +79,7 @@ class VisionOutcome:
     transfer_s: float = 0.0
     transfer_bytes: int = 0
     cache_hits: int = 0  # images found in the replica's embedding cache
-    cache_misses: int = 0  # images encoded
+    cache_misses: int = 0  # images not in the cache (encoded; a repeat within the request is encoded once)
     cache_evictions: int = 0  # entries this request's images pushed out
     cache_bytes_held: int = 0  # what the replica's cache held when the request was done
 
@@ -188,11 +188,6 @@ class VisionWorker:
             await sender.close()
         self._senders.clear()
 
-    def _effective_detail(self, part: ImagePart) -> Detail:
-        # Non-Flash checkpoints implement `low` at tiling time (one thumbnail tile); the encoder sees `high`.
-        if not self.spec.flash and part.detail is not Detail.HIGH:
-            return Detail.HIGH
-        return part.detail
 
     async def _source(self, part: ImagePart) -> _Source:
         """Fetches the bytes of `part` and digests them; a bare `uuid` gets what it was last sent with."""
@@ -206,7 +201,7 @@ class VisionWorker:
         except ServingError as error:
             raise error.with_param(part.param) if part.param else error
         digest = await asyncio.to_thread(content_digest, data)
-        source = _Source(data, digest, self._effective_detail(part), self._tile_cap(part))
+        source = _Source(data, digest, self.encoder.encoded_detail(part.detail), self._tile_cap(part))
         if part.uuid:
             self.cache.remember_uuid(part.uuid, UuidRecord(digest, source.detail, source.tile_cap))
         return source

@@ -19,7 +19,6 @@ import json
 import statistics
 import sys
 import time
-import urllib.request
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -28,6 +27,7 @@ from PIL import Image
 
 from dvd_serve.loadtests.bench import BenchConfig, prepare_checkpoints, ratio
 from dvd_serve.loadtests.machine import machine_facts
+from dvd_serve.loadtests.stage_metrics import fetch_exposition
 from dvd_serve.loadtests.systems import SYSTEMS, ServerProcess, ServerSettings, free_port
 
 START_TIMEOUT_S = 600.0
@@ -99,8 +99,7 @@ def run_system(key: str, model: Path, images: list[str], turns: int, max_tokens:
 
 def cache_counters(base_url: str) -> dict[str, float]:
     """The vision cache's hits and misses and the prefix cache's queried and cached tokens, from /metrics."""
-    with urllib.request.urlopen(base_url + "/metrics", timeout=30) as response:
-        lines = response.read().decode().splitlines()
+    lines = fetch_exposition(base_url, timeout_s=30).splitlines()
 
     def total(prefix: str) -> float:
         return sum(float(line.rsplit(" ", 1)[1]) for line in lines if line.startswith(prefix))
