@@ -5,7 +5,7 @@ Per system: start its server, send the greedy parity requests (they double as wa
 and every offered rate one open-loop Poisson load level (locust in a subprocess), with `/metrics` scraped before and
 after each level for per-stage means; then stop the server. Every system gets exactly the same requests: the same
 dataset lines in the same order at the same seeded arrival times, fresh lines for every level so no cache serves
-one level from another. Afterwards: token parity of (b), (c) and (d, detail=high) against (a), the markdown report,
+one level from another (with `repeated_image_share`, repeats stay within their level). Afterwards: token parity of (b), (c) and (d, detail=high) against (a), the markdown report,
 the CSV/JSON of every level and the throughput-vs-TTFT-p90 plots.
 """
 
@@ -59,6 +59,10 @@ class BenchConfig(FrozenConfig):
     request_timeout_s: float = Field(default=300.0, gt=0, description="Most seconds one request may take.")
     images_per_request: int = Field(default=1, ge=0, description="Images per request that has images.")
     text_only_share: float = Field(default=0.0, ge=0, le=1, description="Share of requests without images.")
+    repeated_image_share: float = Field(
+        default=0.0, ge=0, le=1,
+        description="Share of requests with images that resend an earlier request's images within the same level.",
+    )
     max_tokens: int = Field(default=32, ge=1, description="Output tokens per request (ignore_eos, temperature 0).")
     parity_requests: int = Field(default=2, ge=1, description="Greedy parity requests per resolution.")
     parity_max_tokens: int = Field(default=16, ge=1, description="Output tokens of each parity request.")
@@ -80,9 +84,10 @@ class BenchConfig(FrozenConfig):
             raise ValueError(f"no offered rates for {resolution} px; give --rates {resolution}=R1,R2,...")
         return self.rates[resolution]
 
-    def workload(self, resolution: int, num_requests: int) -> WorkloadConfig:
+    def workload(self, resolution: int, num_requests: int, segment_starts: tuple[int, ...] = ()) -> WorkloadConfig:
         return WorkloadConfig(
             resolution=resolution, images_per_request=self.images_per_request, text_only_share=self.text_only_share,
+            repeated_image_share=self.repeated_image_share, segment_starts=segment_starts,
             num_requests=num_requests, max_tokens=self.max_tokens, seed=self.seed,
             logprobs=True,  # TTFT times the first token even where random weights produce no text yet
         )
@@ -169,9 +174,11 @@ def prepare_datasets(config: BenchConfig, raw: Path, report: Callable[[str], Non
     """Per resolution: the load dataset (enough lines for all levels) and the parity dataset."""
     datasets = {}
     for resolution in config.resolutions:
-        needed = max(sum(plan.requests for plan in plan_levels(config, resolution)), 1)
+        plans = plan_levels(config, resolution)
+        needed = max(sum(plan.requests for plan in plans), 1)
         report(f"writing {needed} requests at {resolution} px")
-        load = write_dataset(config.workload(resolution, needed), raw / "datasets" / f"load-{resolution}px.jsonl")
+        workload = config.workload(resolution, needed, tuple(plan.first_request for plan in plans))
+        load = write_dataset(workload, raw / "datasets" / f"load-{resolution}px.jsonl")
         parity = write_dataset(config.parity_workload(resolution), raw / "datasets" / f"parity-{resolution}px.jsonl")
         datasets[resolution] = (load, parity)
     return datasets

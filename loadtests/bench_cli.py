@@ -43,6 +43,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     parser.add_argument("--max-tokens", type=int, default=32, help="output tokens per request (default 32)")
     parser.add_argument("--images-per-request", type=int, default=1, help="images per request (default 1)")
     parser.add_argument("--text-only-share", type=float, default=0.0, help="share of text-only requests")
+    parser.add_argument("--repeated-image-share", type=float, default=0.0,
+                        help="share of requests with images that resend the images of an earlier request of the same "
+                        "level (e.g. 0.5, 0.9; default 0: every image new)")
     parser.add_argument("--parity-requests", type=int, default=2, help="greedy parity requests per resolution")
     parser.add_argument("--dtype", default="auto", choices=("auto", "bfloat16", "float16", "float32"),
                         help="compute dtype of every system (default auto: bfloat16 with GPUs, else float32)")
@@ -89,6 +92,7 @@ def config_from_args(args: argparse.Namespace):
         "rates": {**DEFAULT_RATES, **dict(args.rates)}, "duration_s": args.duration,
         "drain_timeout_s": args.drain_timeout, "max_tokens": args.max_tokens,
         "images_per_request": args.images_per_request, "text_only_share": args.text_only_share,
+        "repeated_image_share": args.repeated_image_share,
         "parity_requests": args.parity_requests, "kv_cache_gib": args.kv_cache_gib,
         "max_fail_ratio": args.max_fail_ratio,
         "server": {"dtype": dtype, "max_num_seqs": args.max_num_seqs, "cpus": os.cpu_count() or 1, "gpus": gpus,

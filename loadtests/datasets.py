@@ -3,8 +3,10 @@
 Everything here is a pure function of its config: the same `WorkloadConfig` always gives the same bytes, so every
 system in a comparison receives exactly the same requests in the same order. Images are a colour gradient with
 blocky seeded noise (8-px cells, below the 14-px ViT patch), so every tile differs, routing depends on the image,
-and a 1344 px PNG stays near 0.25 MB. Each request has its own images and its own text, so no prefix or image
-cache can serve one request from another.
+and a 1344 px PNG stays near 0.25 MB. Each request has its own text, and its own images unless the workload asks
+for repeats (`repeated_image_share`: those requests resend the images of an earlier request of the same segment,
+as batch jobs ask many questions about one document); without repeats no prefix or image cache can serve one
+request from another.
 
 A dataset file holds one request body per line, JSON without the `model` key (it differs per server);
 `with_model` adds it when sending.
@@ -53,6 +55,15 @@ class WorkloadConfig(FrozenConfig):
     )
     logprobs: bool = Field(default=False, description="Ask for the chosen tokens' logprobs (token parity checks).")
     stream: bool = Field(default=True, description="Stream the answer (with a last usage chunk) or answer in one.")
+    repeated_image_share: float = Field(
+        default=0.0, ge=0.0, le=1.0,
+        description="Share of the requests with images that resend the images of an earlier request of their segment "
+        "(exactly round(share * n) of them, as many as the segments allow; the first in a segment is always new).",
+    )
+    segment_starts: tuple[int, ...] = Field(
+        default=(), description="Request indices where a new segment (a benchmark level) starts: repeats never reach "
+        "back across one, so no level is served from another's caches. Index 0 always starts one.",
+    )
     seed: int = Field(default=0, ge=0, description="Seed of images, texts and which requests are text-only.")
 
 
@@ -80,14 +91,41 @@ def text_only_indices(config: WorkloadConfig) -> frozenset[int]:
     return frozenset(int(index) for index in order[:count])
 
 
+def image_sources(config: WorkloadConfig) -> dict[int, int]:
+    """Request index -> the index of the request whose images it carries (itself where they are new); requests
+    without images are absent. Repeats are chosen by the seed, and each resends a new image set of its segment."""
+    text_only = text_only_indices(config)
+    with_images = [index for index in range(config.num_requests) if index not in text_only]
+    if config.images_per_request == 0:
+        return {}
+    starts = sorted({0, *config.segment_starts})
+    segment_of = {index: np.searchsorted(starts, index, side="right") for index in with_images}
+    first_in_segment = {segment_of[index]: index for index in reversed(with_images)}.values()
+    candidates = [index for index in with_images if index not in first_in_segment]
+    count = min(round(config.repeated_image_share * len(with_images)), len(candidates))
+    order = np.random.default_rng([config.seed, 4]).permutation(len(candidates))
+    repeats = {candidates[int(position)] for position in order[:count]}
+    sources: dict[int, int] = {}
+    fresh_by_segment: dict[int, list[int]] = {}
+    for index in with_images:
+        fresh = fresh_by_segment.setdefault(segment_of[index], [])
+        if index in repeats:
+            rng = np.random.default_rng([config.seed, 5, index])
+            sources[index] = fresh[int(rng.integers(0, len(fresh)))]
+        else:
+            sources[index] = index
+            fresh.append(index)
+    return sources
+
+
 def request_bodies(config: WorkloadConfig) -> Iterator[dict]:
     """The chat completion bodies, without `model`."""
-    text_only = text_only_indices(config)
+    sources = image_sources(config)
     for index in range(config.num_requests):
         rng = np.random.default_rng([config.seed, 1, index])
         words = " ".join(PROMPT_WORDS[int(i)] for i in rng.integers(0, len(PROMPT_WORDS), config.prompt_words))
-        images = 0 if index in text_only else config.images_per_request
-        parts: list[dict] = [_image_part(config, index, image) for image in range(images)]
+        images = config.images_per_request if index in sources else 0
+        parts: list[dict] = [_image_part(config, sources.get(index, index), image) for image in range(images)]
         parts.append({"type": "text", "text": f"Request {index}: {words}"})
         body = {
             "messages": [{"role": "user", "content": parts}],

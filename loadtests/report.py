@@ -129,8 +129,11 @@ def markdown(result: BenchResult, facts: Mapping[str, str]) -> str:
         f"Workload: seed {config.seed}; open-loop Poisson arrivals for {config.duration_s:g} s per level; "
         f"{config.images_per_request} image(s) per request, {config.text_only_share:.0%} text-only; "
         f"{config.max_tokens} output tokens (temperature 0, ignore_eos, logprobs on, so TTFT is the first streamed "
-        f"token even where random weights produce no text yet); square synthetic PNG data URLs; every "
-        f"request distinct. Engines: dtype {config.server.dtype}, max_model_len {config.server.max_model_len}, "
+        f"token even where random weights produce no text yet); square synthetic PNG data URLs; "
+        + (f"{config.repeated_image_share:.0%} of the requests with images resend an earlier request's images "
+           "(same level), each request's text distinct. " if config.repeated_image_share
+           else "every request distinct. ")
+        + f"Engines: dtype {config.server.dtype}, max_model_len {config.server.max_model_len}, "
         f"max_num_seqs {config.server.max_num_seqs}. Server start-up: "
         + ", ".join(f"{SYSTEMS[key].label} {seconds:.0f} s" for key, seconds in result.startup_s.items())
         + f". Whole run: {result.wall_s / 60:.1f} min.", "",

@@ -47,6 +47,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     parser.add_argument("--resolution", type=int, default=448, help="image side in px (default 448)")
     parser.add_argument("--images-per-request", type=int, default=1, help="images per image request (default 1)")
     parser.add_argument("--text-only-share", type=float, default=0.3, help="share of text-only requests")
+    parser.add_argument("--repeated-image-share", type=float, default=0.0,
+                        help="share of image requests that resend an earlier request's images (default 0)")
+    parser.add_argument("--vision-cache-mib", type=float, default=1024.0,
+                        help="embedding cache budget per vision replica, given to the started server and checked "
+                        "against the sampled cache sizes (default 1024)")
     parser.add_argument("--max-tokens", type=int, default=32, help="output tokens per steady request")
     parser.add_argument("--kill-roles", type=_roles, default=("vision", "language"),
                         help="comma-separated among vision,language,coupled; '' = no kills (default vision,language)")
@@ -82,7 +87,8 @@ def config_from_args(args: argparse.Namespace):
         vision_replicas=args.vision_replicas, language_replicas=args.lm_replicas, duration_s=args.duration,
         rate=args.rate, hang_up_rate=args.hang_up_rate, hang_up_after_s=args.hang_up_after,
         resolution=args.resolution, images_per_request=args.images_per_request,
-        text_only_share=args.text_only_share, max_tokens=args.max_tokens, kill_roles=args.kill_roles,
+        text_only_share=args.text_only_share, repeated_image_share=args.repeated_image_share,
+        vision_cache_mib=args.vision_cache_mib, max_tokens=args.max_tokens, kill_roles=args.kill_roles,
         kill_interval_s=args.kill_interval, kill_warmup_s=args.kill_warmup, drain_timeout_s=args.drain_timeout,
         request_timeout_s=args.request_timeout, recovery_timeout_s=args.recovery_timeout, seed=args.seed,
         out_dir=args.out,

@@ -1,6 +1,7 @@
 """What the soak reads from the gateway's `/metrics`: chat requests by status, stream aborts by reason, and the
 gauges that must be back to 0 once the load has drained: requests in the gateway, jobs in each pool and, where
-the gateway has admission control, jobs holding an admission place (names as defined in server/metrics.py)."""
+the gateway has admission control, jobs holding an admission place; and what the vision replicas' embedding caches
+hold and found (names as defined in server/metrics.py)."""
 
 from __future__ import annotations
 
@@ -15,6 +16,8 @@ from dvd_serve.loadtests.stage_metrics import fetch_exposition
 REQUESTS = "dvd_http_requests"
 STREAM_ABORTS = "dvd_stream_aborts"
 GATEWAY_IN_FLIGHT = "dvd_gateway_in_flight_requests"
+VISION_CACHE_BYTES = "dvd_vision_cache_bytes"
+VISION_CACHE_LOOKUPS = "dvd_vision_cache_lookups"
 POOL_GAUGES = {"dvd_pool_in_flight_jobs": "in flight", "dvd_pool_admitted_jobs": "admitted"}
 # The scrape is itself an HTTP request the gateway is serving while it renders the gauge.
 SCRAPE_ITSELF = 1.0
@@ -26,12 +29,16 @@ class GatewayScrape:
     stream_aborts: dict[str, float] = field(default_factory=dict)  # reason -> streams ended early
     gateway_in_flight: float = 0.0  # other HTTP requests being served (the scrape itself taken off)
     pool_gauges: dict[str, float] = field(default_factory=dict)  # e.g. "vision in flight" -> jobs in the pool
+    vision_cache_bytes: dict[str, float] = field(default_factory=dict)  # vision replica -> bytes its cache holds
+    vision_cache_lookups: dict[str, float] = field(default_factory=dict)  # hit / miss / in_flight -> images
 
 
 def parse_scrape(exposition: str) -> GatewayScrape:
     chat_statuses: dict[str, float] = {}
     aborts: dict[str, float] = {}
     pools: dict[str, float] = {}
+    cache_bytes: dict[str, float] = {}
+    lookups: dict[str, float] = {}
     in_flight = 0.0
     for family in text_string_to_metric_families(exposition):
         for sample in family.samples:
@@ -44,7 +51,11 @@ def parse_scrape(exposition: str) -> GatewayScrape:
                 in_flight = sample.value - SCRAPE_ITSELF
             elif sample.name in POOL_GAUGES:
                 pools[f"{sample.labels['pool']} {POOL_GAUGES[sample.name]}"] = sample.value
-    return GatewayScrape(chat_statuses, aborts, in_flight, pools)
+            elif sample.name == VISION_CACHE_BYTES:
+                cache_bytes[sample.labels["replica"]] = sample.value
+            elif sample.name == VISION_CACHE_LOOKUPS + "_total":
+                lookups[sample.labels["result"]] = sample.value
+    return GatewayScrape(chat_statuses, aborts, in_flight, pools, cache_bytes, lookups)
 
 
 def scrape_gateway(base_url: str, api_key: str | None = None, timeout_s: float = 10.0) -> GatewayScrape:

@@ -76,6 +76,16 @@ class SoakConfig(FrozenConfig):
     resolution: int = Field(default=448, ge=28, description="Side in pixels of every image.")
     images_per_request: int = Field(default=1, ge=1, description="Images in a request that has images.")
     text_only_share: float = Field(default=0.3, ge=0, le=1, description="Share of text-only requests.")
+    repeated_image_share: float = Field(
+        default=0.0, ge=0, le=1,
+        description="Share of requests with images that resend an earlier request's images (cache hits mixed with "
+        "new images; the vision caches must stay within vision_cache_mib throughout).",
+    )
+    vision_cache_mib: float = Field(
+        default=1024.0, ge=0,
+        description="Embedding cache budget per vision replica: passed to a started server, and the bound the "
+        "sampled cache sizes are checked against (for an attached server, give what it was started with).",
+    )
     max_tokens: int = Field(default=32, ge=1, description="Output tokens of a steady-load request.")
     hang_up_max_tokens: int = Field(
         default=256, ge=1, description="Output tokens a hang-up request asks for (long, so it is still running).",
@@ -115,8 +125,8 @@ class SoakConfig(FrozenConfig):
     def workload(self, num_requests: int) -> WorkloadConfig:
         return WorkloadConfig(
             resolution=self.resolution, images_per_request=self.images_per_request,
-            text_only_share=self.text_only_share, num_requests=max(num_requests, 1), max_tokens=self.max_tokens,
-            seed=self.seed,
+            text_only_share=self.text_only_share, repeated_image_share=self.repeated_image_share,
+            num_requests=max(num_requests, 1), max_tokens=self.max_tokens, seed=self.seed,
         )
 
     def hang_up_workload(self, num_requests: int) -> WorkloadConfig:
@@ -185,7 +195,7 @@ def _server(config: SoakConfig, out: Path) -> ServerProcess:
     settings = ServerSettings(cpus=os.cpu_count() or 1, max_images_per_request=config.images_per_request)
     command = SYSTEMS["c"].command(model, port, settings) + [
         "--vision-replicas", str(config.vision_replicas), "--lm-replicas", str(config.language_replicas),
-        "--memory-report", str((out / "memory").resolve()),
+        "--memory-report", str((out / "memory").resolve()), "--vision-cache-mib", f"{config.vision_cache_mib:g}",
     ]
     return ServerProcess("dvd-serve", command, port, "/ready", out / "server.log")
 
@@ -220,6 +230,7 @@ def _soak(config: SoakConfig, base_url: str, processes: ServingProcesses, out: P
     checks = [*identity_checks(clients, gateway), in_flight_check(after),
               Check("ready after the load", recovered is not None,
                     f"/ready 200 after {recovered_after_s:.1f} s" if recovered is not None else "never")]
+    checks.append(cache_budget_check(config, load.cache_rows, before, after))
     causes = error_causes(load.samples)
     if config.url is None and config.language_replicas >= 2:  # a request not yet streaming is retried elsewhere
         before_streaming = failed_before_streaming(causes)
@@ -227,6 +238,19 @@ def _soak(config: SoakConfig, base_url: str, processes: ServingProcesses, out: P
                             f"{before_streaming} request(s) got a 5xx before their stream started"))
     return SoakResult(config, load.steady, load.hang_ups, clients, gateway, checks, load.kills, usage_start, usage_end,
                       pids_start, pids_end, recovered_after_s, time.monotonic() - started, causes, load.notes)
+
+
+def cache_budget_check(config: SoakConfig, cache_rows: list[dict], before: GatewayScrape,
+                       after: GatewayScrape) -> Check:
+    """Every sampled vision cache within its budget; with repeats asked for, they must also have hit."""
+    peak = max((row["cache_mib"] for row in cache_rows), default=0.0)
+    lookups = counter_delta(before.vision_cache_lookups, after.vision_cache_lookups)
+    hits = lookups.get("hit", 0.0) + lookups.get("in_flight", 0.0)
+    repeats_hit = hits > 0 or config.repeated_image_share == 0
+    detail = (f"peak {peak:g} MiB of {config.vision_cache_mib:g} MiB per replica over {len(cache_rows)} samples; "
+              f"lookups {lookups.get('hit', 0):g} hit / {lookups.get('miss', 0):g} miss / "
+              f"{lookups.get('in_flight', 0):g} in flight")
+    return Check("vision caches within budget", peak <= config.vision_cache_mib and repeats_hit, detail)
 
 
 def _warm_up(config: SoakConfig, base_url: str, model: str, out: Path) -> None:
@@ -246,6 +270,7 @@ class _Load:
     samples: list[RequestSample]
     kills: list[Kill]
     notes: list[str]
+    cache_rows: list[dict]  # sampled sizes of the vision replicas' embedding caches
 
 
 def _offer_load(config: SoakConfig, base_url: str, model: str, processes: ServingProcesses, out: Path,
@@ -260,7 +285,7 @@ def _offer_load(config: SoakConfig, base_url: str, model: str, processes: Servin
     report(f"load: {steady_arrivals} steady + {len(hang_up_arrivals)} hang-up requests over {config.duration_s:g} s")
 
     client = HangUpClient(base_url, config.api_key)
-    sampler = _ResourceSampler(processes, config.sample_interval_s)
+    sampler = _ResourceSampler(processes, config.sample_interval_s, lambda: scrape_gateway(base_url, config.api_key))
     steady = _Background(lambda: _steady_load(config, base_url, model, steady_dataset, out))
     hang_ups = _Background(
         lambda: (run_hang_ups(client, hang_up_bodies, hang_up_arrivals, delays, HANG_UP_THREADS), None))
@@ -270,11 +295,12 @@ def _offer_load(config: SoakConfig, base_url: str, model: str, processes: Servin
     client.close()
     sampler.stop()
     write_rows_csv(sampler.rows, out / "resources.csv")
+    write_rows_csv(sampler.cache_rows, out / "vision-cache.csv")
     write_samples_csv(hang_up_samples, out / "hang-up-samples.csv")
     notes = [f"{name} failed: {error}" for name, error in (("steady load", steady_error), ("hang-ups", hang_up_error))
              if error]
     return _Load(client_counts(steady_arrivals, steady_samples), client_counts(len(hang_up_arrivals), hang_up_samples),
-                 [*steady_samples, *hang_up_samples], kills, notes)
+                 [*steady_samples, *hang_up_samples], kills, notes, sampler.cache_rows)
 
 
 def _steady_load(config: SoakConfig, base_url: str, model: str, dataset: Path, out: Path
@@ -354,10 +380,12 @@ def _settled_scrape(base_url: str, api_key: str | None, timeout_s: float) -> Gat
 
 class _ResourceSampler:
     """Every `interval_s`, one row per process group and per half of each actor group (seconds since start,
-    processes, RSS, fds, threads)."""
+    processes, RSS, fds, threads), and one per vision replica with what its embedding cache holds."""
 
-    def __init__(self, processes: ServingProcesses, interval_s: float) -> None:
+    def __init__(self, processes: ServingProcesses, interval_s: float, scrape: Callable[[], GatewayScrape]) -> None:
         self.rows: list[dict] = []
+        self.cache_rows: list[dict] = []
+        self._scrape = scrape
         self._processes = processes
         self._interval_s = interval_s
         self._stopped = threading.Event()
@@ -372,6 +400,12 @@ class _ResourceSampler:
                 self.rows.append({"at_s": at_s, "group": group, "processes": usage.processes,
                                   "rss_mib": round(usage.rss_mib, 1), "open_fds": usage.open_fds,
                                   "threads": usage.threads})
+            try:
+                cache_bytes = self._scrape().vision_cache_bytes
+            except OSError:  # the gateway is busy or restarting: the next sample counts
+                cache_bytes = {}
+            self.cache_rows += [{"at_s": at_s, "replica": replica, "cache_mib": round(held / 2**20, 2)}
+                                for replica, held in sorted(cache_bytes.items())]
             if self._stopped.wait(self._interval_s):
                 return
 

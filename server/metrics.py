@@ -6,7 +6,7 @@ Who records what:
   `lm_queue_seconds`, `request_inference_seconds`, `request_visual_tokens`, `request_embedding_bytes`).
 - vision workers: `fetch_decode_seconds`, `preprocess_seconds`, `vision_queue_seconds`, `vision_batch_size`,
   `encode_seconds`, `visual_tokens_per_image`, `router_compression_ratio`.
-- vision replicas' caches: `vision_cache_lookups` (hit/miss per image), `vision_cache_evictions`,
+- vision replicas' caches: `vision_cache_lookups` (hit/miss/in_flight per image), `vision_cache_evictions`,
   `vision_cache_bytes` (per replica); the language side's prefix cache as vLLM's `vllm:prefix_cache_queries` and
   `vllm:prefix_cache_hits` (tokens).
 - embedding sender (vision -> LM hop): `transfer_bytes`, `transfer_seconds`.
@@ -269,7 +269,8 @@ class ServingMetrics:
         # Vision replicas' embedding caches (counted per image).
         self.vision_cache_lookups = Counter(
             f"{PREFIX}_vision_cache_lookups", "Images looked up in a vision replica's embedding cache, by result "
-            "(hit: decode, tiling and ViT skipped; miss: encoded).", ("result",), registry=reg,
+            "(hit: decode, tiling and ViT skipped; miss: encoded; in_flight: another request was encoding the same image and "
+            "this one waited for it).", ("result",), registry=reg,
         )
         self.vision_cache_evictions = Counter(
             f"{PREFIX}_vision_cache_evictions", "Entries the vision replicas' caches evicted to stay in budget.",

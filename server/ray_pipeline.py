@@ -440,6 +440,7 @@ class RayPipeline:
             return
         metrics.vision_cache_lookups.labels("hit").inc(outcome.cache_hits)
         metrics.vision_cache_lookups.labels("miss").inc(outcome.cache_misses)
+        metrics.vision_cache_lookups.labels("in_flight").inc(outcome.cache_in_flight)
         metrics.vision_cache_evictions.inc(outcome.cache_evictions)
         metrics.vision_cache_bytes.labels(replica_name).set(outcome.cache_bytes_held)
         metrics.fetch_decode_seconds.observe(outcome.fetch_decode_s)

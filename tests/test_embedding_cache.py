@@ -212,3 +212,61 @@ def test_the_cache_stays_within_its_budget_under_many_new_images(tiny_flash_chec
 
     stats = asyncio.run(run())
     assert stats.evictions > 0 and stats.hits > 0 and stats.entries >= 1
+
+
+def test_concurrent_requests_for_one_new_image_encode_it_once(tiny_flash_checkpoint):
+    image = _image(5, 20)
+
+    async def run():
+        worker = _worker(tiny_flash_checkpoint)
+        try:
+            outcomes = [VisionOutcome() for _ in range(3)]
+            results = await asyncio.gather(*(worker.encode([ImagePart(image)], outcome) for outcome in outcomes))
+            return results, outcomes, worker._in_flight
+        finally:
+            await worker.close()
+
+    results, outcomes, in_flight = asyncio.run(run())
+    for other in results[1:]:
+        _same(other, results[0])
+    assert sorted((o.cache_misses, o.cache_in_flight) for o in outcomes) == [(0, 1), (0, 1), (1, 0)]
+    assert [o.encode_s > 0 for o in outcomes].count(True) == 1  # one encoder batch for the three requests
+    assert not in_flight
+
+
+class GatedVisionWorker(VisionWorker):
+    """Test double: a real worker whose encodings wait for `gate`, so a test can act while one is in flight."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.gate = asyncio.Event()
+
+    async def _encode_missing(self, *args, **kwargs):
+        await self.gate.wait()
+        return await super()._encode_missing(*args, **kwargs)
+
+
+def test_a_request_waiting_on_a_cancelled_encoding_encodes_the_image_itself(tiny_flash_checkpoint):
+    image = _image(3, 21)
+
+    async def run():
+        plain = _worker(tiny_flash_checkpoint, cache_mib=0)
+        worker = GatedVisionWorker(plain.config, plain.encoder)
+        try:
+            owner = asyncio.create_task(worker.encode([ImagePart(image)]))
+            waiting = VisionOutcome()
+            waiter = asyncio.create_task(worker.encode([ImagePart(image)], waiting))
+            while waiting.cache_in_flight == 0:  # the waiter found the owner's encoding in flight
+                await asyncio.sleep(0.005)
+            owner.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await owner
+            worker.gate.set()
+            return await asyncio.wait_for(waiter, 120), await plain.encode([ImagePart(image)]), worker._in_flight
+        finally:
+            await worker.close()
+            await plain.close()
+
+    got, expected, in_flight = asyncio.run(run())
+    _same(got, expected)
+    assert not in_flight

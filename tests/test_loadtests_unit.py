@@ -22,6 +22,7 @@ from dvd_serve.loadtests import cli as loadtest_cli
 from dvd_serve.loadtests.bench import BenchConfig, BenchResult, LevelResult, plan_levels
 from dvd_serve.loadtests.datasets import (
     WorkloadConfig,
+    image_sources,
     poisson_arrivals,
     read_dataset,
     request_bodies,
@@ -174,6 +175,30 @@ def test_dataset_is_deterministic_and_shaped_as_asked(tmp_path):
     assert _decode_image(urls[0]).size == (64, 64)
     assert all(body["stream"] and body["stream_options"] == {"include_usage": True} for body in bodies)
     assert all(body["max_tokens"] == 32 and body["ignore_eos"] and "model" not in body for body in bodies)
+
+
+def test_repeated_images_come_from_earlier_requests_of_the_same_segment_only():
+    config = WorkloadConfig(resolution=32, num_requests=40, text_only_share=0.25, repeated_image_share=0.5,
+                            segment_starts=(15, 30), seed=3)
+    sources = image_sources(config)
+    assert set(sources) == set(range(40)) - text_only_indices(config)
+    repeats = {index: source for index, source in sources.items() if source != index}
+    assert len(repeats) == round(0.5 * len(sources))
+    segment = lambda index: sum(index >= start for start in (15, 30))  # noqa: E731
+    assert all(source < index and segment(source) == segment(index) and sources[source] == source
+               for index, source in repeats.items())
+    bodies = list(request_bodies(config))
+    url = lambda index: bodies[index]["messages"][0]["content"][0]["image_url"]["url"]  # noqa: E731
+    assert all(url(index) == url(source) for index, source in repeats.items())
+    fresh = [index for index, source in sources.items() if source == index]
+    assert len({url(index) for index in fresh}) == len(fresh)
+    texts = [body["messages"][0]["content"][-1]["text"] for body in bodies]
+    assert len(set(texts)) == 40  # each question its own
+    plain = WorkloadConfig(resolution=32, num_requests=40, text_only_share=0.25, seed=3)
+    assert list(request_bodies(config.model_copy(update={"repeated_image_share": 0.0}))) == list(
+        request_bodies(plain))  # no repeats: the same bytes as before repeats existed
+    everything = image_sources(config.model_copy(update={"repeated_image_share": 1.0}))
+    assert sum(source == index for index, source in everything.items()) == 3  # the first of each segment
 
 
 def test_parity_style_bodies_set_detail_logprobs_and_no_stream():

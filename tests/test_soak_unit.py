@@ -156,6 +156,28 @@ def test_admission_places_must_be_released_too():
     assert not in_flight_check(scrape).passed
 
 
+def test_the_cache_check_reads_the_vision_cache_metrics_and_holds_them_to_the_budget():
+    from dvd_serve.loadtests.soak_run import SoakConfig, cache_budget_check
+
+    metrics = ServingMetrics()
+    before = parse_scrape(_exposition(metrics))
+    metrics.vision_cache_lookups.labels("hit").inc(5)
+    metrics.vision_cache_lookups.labels("miss").inc(3)
+    metrics.vision_cache_bytes.labels("vision-0").set(3 * 2**20)
+    after = parse_scrape(_exposition(metrics))
+    assert after.vision_cache_bytes == {"vision-0": 3 * 2**20}
+    assert after.vision_cache_lookups == {"hit": 5.0, "miss": 3.0}
+    config = SoakConfig(repeated_image_share=0.5, vision_cache_mib=4.0)
+    rows = [{"at_s": 0.0, "replica": "vision-0", "cache_mib": 1.0}, {"at_s": 10.0, "replica": "vision-0",
+                                                                      "cache_mib": 3.0}]
+    check = cache_budget_check(config, rows, before, after)
+    assert check.passed and "peak 3 MiB of 4 MiB" in check.detail and "5 hit / 3 miss" in check.detail
+    over = [*rows, {"at_s": 20.0, "replica": "vision-1", "cache_mib": 4.5}]
+    assert not cache_budget_check(config, over, before, after).passed
+    assert not cache_budget_check(config, rows, before, before).passed  # repeats asked for, none hit
+    assert cache_budget_check(config.model_copy(update={"repeated_image_share": 0.0}), rows, before, before).passed
+
+
 def test_counter_delta_keeps_what_moved():
     assert counter_delta({"200": 4.0, "503": 1.0}, {"200": 9.0, "503": 1.0, "429": 2.0}) == {"200": 5.0, "429": 2.0}
 

@@ -80,6 +80,7 @@ class VisionOutcome:
     transfer_bytes: int = 0
     cache_hits: int = 0  # images found in the replica's embedding cache
     cache_misses: int = 0  # images not in the cache (encoded; a repeat within the request is encoded once)
+    cache_in_flight: int = 0  # images another request was encoding at that moment (this one waited for it)
     cache_evictions: int = 0  # entries this request's images pushed out
     cache_bytes_held: int = 0  # what the replica's cache held when the request was done
 
@@ -105,6 +106,7 @@ class VisionWorker:
         self.cache = EmbeddingCache(int(config.cache_mib * 2**20))
         self._identity = encoder_identity(config.encoder.model, str(encoder.dtype), encoder.router_thresholds)
         self._senders: dict[str, EmbeddingSender] = {}
+        self._in_flight: dict[bytes, asyncio.Future] = {}  # cache key -> the encoding of it now running
 
     @classmethod
     def load(cls, config: VisionWorkerConfig) -> "VisionWorker":
@@ -136,30 +138,9 @@ class VisionWorker:
         outcome = outcome if outcome is not None else VisionOutcome()
         started = time.monotonic()
         sources = await asyncio.gather(*(self._source(part) for part in images))
-        details = [source.detail for source in sources]
         keys = [image_cache_key(source.digest, source.detail, source.tile_cap, self._identity) for source in sources]
-        found: dict[bytes, TileEmbeddings] = {}
-        wanted: dict[bytes, int] = {}  # key -> first image that needs encoding; a repeat in the request waits on it
-        for index, key in enumerate(keys):
-            entry = found.get(key) or self.cache.get(key)
-            if entry is not None:
-                found[key] = entry
-                outcome.cache_hits += 1
-            elif sources[index].data is None:
-                raise _not_cached(images[index])
-            elif key not in wanted:
-                wanted[key] = index
-        outcome.cache_misses = len(images) - outcome.cache_hits
-        if wanted:
-            fresh = await self._encode_missing([images[i] for i in wanted.values()],
-                                               [sources[i] for i in wanted.values()], outcome, started)
-            for key, entry in zip(wanted, fresh, strict=True):
-                outcome.cache_evictions += self.cache.put(key, entry)
-                found[key] = entry
-        else:
-            outcome.fetch_decode_s = time.monotonic() - started
-        entries = [found[key] for key in keys]
-        encoded = self.encoder.assemble(entries, details)
+        found = await self._tile_embeddings(images, sources, keys, outcome, started)
+        encoded = self.encoder.assemble([found[key] for key in keys], [source.detail for source in sources])
         outcome.tokens_per_tile = [image.tokens_per_tile for image in encoded]
         outcome.tokens_per_image = [int(image.embeddings.shape[0]) for image in encoded]
         outcome.cache_bytes_held = self.cache.stats().bytes_held
@@ -167,6 +148,69 @@ class VisionWorker:
             (image, embedding_identity(key, image.tokens_per_tile))
             for image, key in zip(encoded, keys, strict=True)
         ]
+
+    async def _tile_embeddings(self, images: Sequence[ImagePart], sources: Sequence[_Source], keys: list[bytes],
+                               outcome: VisionOutcome, started: float) -> dict[bytes, TileEmbeddings]:
+        """The tile embeddings of every distinct key: from the cache, from another request that is encoding the same
+        image right now, or encoded here (once per key, however often the request repeats it)."""
+        found: dict[bytes, TileEmbeddings] = {}
+        shared: dict[bytes, asyncio.Future] = {}  # key -> another request's encoding of it, still running
+        wanted: dict[bytes, int] = {}  # key -> first image that needs encoding here
+        for index, key in enumerate(keys):
+            if key in found or key in shared or key in wanted:
+                continue
+            entry = self.cache.get(key)
+            if entry is not None:
+                found[key] = entry
+            elif key in self._in_flight:
+                shared[key] = self._in_flight[key]
+            elif sources[index].data is None:
+                raise _not_cached(images[index])
+            else:
+                wanted[key] = index
+        outcome.cache_hits = sum(key in found for key in keys)
+        outcome.cache_in_flight = sum(key in shared for key in keys)
+        outcome.cache_misses = len(keys) - outcome.cache_hits - outcome.cache_in_flight
+        if not wanted:
+            outcome.fetch_decode_s = time.monotonic() - started
+        found.update(await self._encode_and_share(images, sources, wanted, outcome, started))
+        retry: dict[bytes, int] = {}
+        for key, future in shared.items():
+            entry = await _shared_result(future)
+            if entry is not None:
+                found[key] = entry
+                continue
+            # The other request failed or was cancelled: encode it here (its error need not be this request's).
+            retry[key] = keys.index(key)
+            if sources[retry[key]].data is None:
+                raise _not_cached(images[retry[key]])
+        found.update(await self._encode_and_share(images, sources, retry, outcome, started))
+        return found
+
+    async def _encode_and_share(self, images: Sequence[ImagePart], sources: Sequence[_Source],
+                                wanted: dict[bytes, int], outcome: VisionOutcome,
+                                started: float) -> dict[bytes, TileEmbeddings]:
+        """Encodes the images `wanted` names, caches them, and lets concurrent requests for the same keys wait on
+        this encoding instead of repeating it (the keys are claimed before this coroutine first yields)."""
+        if not wanted:
+            return {}
+        loop = asyncio.get_running_loop()
+        mine = {key: loop.create_future() for key in wanted if key not in self._in_flight}
+        self._in_flight.update(mine)
+        try:
+            fresh = await self._encode_missing([images[i] for i in wanted.values()],
+                                               [sources[i] for i in wanted.values()], outcome, started)
+            result = dict(zip(wanted, fresh, strict=True))
+            for key, entry in result.items():
+                outcome.cache_evictions += self.cache.put(key, entry)
+                if key in mine:
+                    mine[key].set_result(entry)
+            return result
+        finally:
+            for key, future in mine.items():
+                if self._in_flight.get(key) is future:
+                    del self._in_flight[key]
+                future.cancel()  # no-op where a result was set; otherwise tells the waiters to encode themselves
 
     async def _encode_missing(self, parts: list[ImagePart], sources: list[_Source], outcome: VisionOutcome,
                               started: float) -> list[TileEmbeddings]:
@@ -187,7 +231,6 @@ class VisionWorker:
         for sender in self._senders.values():
             await sender.close()
         self._senders.clear()
-
 
     async def _source(self, part: ImagePart) -> _Source:
         """Fetches the bytes of `part` and digests them; a bare `uuid` gets what it was last sent with."""
@@ -231,6 +274,13 @@ class VisionWorker:
             sender = EmbeddingSender(EmbeddingSenderConfig(target=address, auth_token=self.config.grpc_auth_token))
             self._senders[address] = sender
         return sender
+
+
+async def _shared_result(future: asyncio.Future) -> TileEmbeddings | None:
+    """What another request's encoding gave, or None where it did not finish (cancelling this waiter leaves that
+    encoding running)."""
+    await asyncio.wait([future])
+    return None if future.cancelled() else future.result()
 
 
 def _not_cached(part: ImagePart) -> InvalidRequestError:

@@ -1,12 +1,14 @@
 """Repeated images: multi-turn conversations that resend one large JPEG every turn, vLLM's own server vs dvd-serve.
 
     python -m dvd_serve.loadtests.benchmarks.multi_turn --out multi-turn      # 6 conversations x 4 turns
+    python -m dvd_serve.loadtests.benchmarks.multi_turn --shape 1b --image-size 896x896 --conversations 2 --turns 3
 
-Each conversation has its own 2048x1536 JPEG (13 tiles at the default cap), sent as a data URL in the first user
-message; every turn appends the previous answer and a new question, as a chat client does, so turns 2-4 resend the
-image. One conversation at a time (latency, not throughput), greedy, `max_tokens` 16 with `ignore_eos`, streamed
-with the official `openai` client. Printed: per turn the median TTFT and E2E of each system and the ratio
-dvd-serve / vLLM; for dvd-serve also the vision cache's hits and the prefix cache's share of prompt tokens over
+Each conversation has its own JPEG (2048x1536 by default: 13 tiles at the default cap), sent as a data URL in the
+first user message; every turn appends the previous answer and a new question, as a chat client does, so later
+turns resend the image. One conversation at a time (latency, not throughput), greedy, `max_tokens` 16 with
+`ignore_eos`, streamed with the official `openai` client, with logprobs so TTFT times the first token (random
+weights often give tokens with no text yet). Printed: per turn the median TTFT and E2E of each system and the ratio
+dvd-serve / vLLM, and each system's later-turn TTFT as a share of its first turn's; for dvd-serve also the vision cache's hits and the prefix cache's share of prompt tokens over
 the run (from /metrics). One invocation runs both systems in turn on the same cores; writes `multi_turn.json`.
 """
 
@@ -58,18 +60,20 @@ def converse(client, model: str, image_url: str, turns: int, max_tokens: int) ->
         first = None
         text = ""
         for chunk in client.chat.completions.create(model=model, messages=messages, max_tokens=max_tokens,
-                                                    temperature=0.0, stream=True, extra_body={"ignore_eos": True}):
+                                                    temperature=0.0, stream=True, logprobs=True,
+                                                    extra_body={"ignore_eos": True}):
             for choice in chunk.choices:
-                if choice.delta.content:
+                if choice.logprobs and choice.logprobs.content:
                     first = first or time.perf_counter()
-                    text += choice.delta.content
+                text += choice.delta.content or ""
         finished = time.perf_counter()
         timings.append(((first or finished) - started, finished - started))
         messages.append({"role": "assistant", "content": text})
     return timings
 
 
-def run_system(key: str, model: Path, images: list[str], turns: int, max_tokens: int, out: Path) -> dict:
+def run_system(key: str, model: Path, images: list[str], size: tuple[int, int], turns: int, max_tokens: int,
+               out: Path) -> dict:
     import openai
 
     spec = SYSTEMS[key]
@@ -81,7 +85,7 @@ def run_system(key: str, model: Path, images: list[str], turns: int, max_tokens:
         print(f"{name}: ready in {server.start(START_TIMEOUT_S):.1f} s", file=sys.stderr)
         client = openai.OpenAI(base_url=server.base_url + "/v1", api_key="none", max_retries=0, timeout=300)
         served = client.models.list().data[0].id
-        converse(client, served, jpeg_data_url(2048, 1536, seed=10_000), 2, max_tokens)  # warm-up, own image
+        converse(client, served, jpeg_data_url(*size, seed=10_000), 2, max_tokens)  # warm-up, own image
         per_turn: list[list[tuple[float, float]]] = [[] for _ in range(turns)]
         for image in images:
             for turn, timing in enumerate(converse(client, served, image, turns, max_tokens)):
@@ -112,22 +116,37 @@ def cache_counters(base_url: str) -> dict[str, float]:
     }
 
 
-def report(vllm: dict, dvd: dict, facts: dict) -> str:
+def report(results: dict[str, dict], facts: dict, args: argparse.Namespace) -> str:
+    vllm, dvd = results.get("vllm"), results.get("dvd-serve")
     lines = [
         f"Machine: {facts.get('cpu', '?')}, {facts.get('cores', '?')} cores; measured {facts.get('date_utc', '?')} "
-        "UTC.", "",
-        "| turn | TTFT p50 vLLM / dvd (ms) | ratio | E2E p50 vLLM / dvd (ms) | ratio |", "|---|---|---|---|---|",
+        f"UTC; shape {args.shape}, {args.conversations} conversations x {args.turns} turns, {args.image_size} JPEG.",
+        "",
+        "| turn | system | TTFT p50 ms | TTFT / turn 1 | E2E p50 ms | TTFT, E2E dvd / vLLM |",
+        "|---|---|---|---|---|---|",
     ]
-    for turn, (vt, dt, ve, de) in enumerate(zip(vllm["ttft_p50_ms"], dvd["ttft_p50_ms"], vllm["e2e_p50_ms"],
-                                               dvd["e2e_p50_ms"]), start=1):
-        lines.append(f"| {turn} | {vt:.0f} / {dt:.0f} | {ratio(dt, vt):.2f}x | {ve:.0f} / {de:.0f} "
-                     f"| {ratio(de, ve):.2f}x |")
-    caches = dvd.get("caches", {})
+    for turn in range(args.turns):
+        for name, result in results.items():
+            ttft, e2e = result["ttft_p50_ms"][turn], result["e2e_p50_ms"][turn]
+            versus = ""
+            if name == "dvd-serve" and vllm is not None:
+                versus = f"{ratio(ttft, vllm['ttft_p50_ms'][turn]):.2f}x, {ratio(e2e, vllm['e2e_p50_ms'][turn]):.2f}x"
+            lines.append(f"| {turn + 1} | {name} | {ttft:.0f} | {ratio(ttft, result['ttft_p50_ms'][0]):.2f} "
+                         f"| {e2e:.0f} | {versus} |")
+    caches = (dvd or {}).get("caches", {})
     if caches:
         lines += ["", f"dvd-serve caches over the run: vision {caches['vision_cache_hits']:.0f} hits / "
                   f"{caches['vision_cache_misses']:.0f} misses; prefix cache held "
                   f"{ratio(caches['prefix_cache_hits'], caches['prefix_cache_queries']):.2f} of the prompt tokens."]
     return "\n".join(lines) + "\n"
+
+
+def _size(text: str) -> tuple[int, int]:
+    width, _, height = text.partition("x")
+    try:
+        return int(width), int(height)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected WIDTHxHEIGHT, e.g. 2048x1536; got {text!r}") from None
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -137,19 +156,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--conversations", type=int, default=6, help="conversations, one image each")
     parser.add_argument("--turns", type=int, default=4, help="turns per conversation")
     parser.add_argument("--max-tokens", type=int, default=16, help="tokens per answer (ignore_eos)")
+    parser.add_argument("--image-size", type=_size, default=(2048, 1536), help="WIDTHxHEIGHT of each JPEG")
+    parser.add_argument("--systems", default="vllm,dvd-serve", help="comma-separated among vllm, dvd-serve")
     args = parser.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    wanted = [name.strip() for name in args.systems.split(",") if name.strip()]
+    keys = {"vllm": "a", "dvd-serve": "c"}
+    if not wanted or set(wanted) - set(keys):
+        parser.error(f"--systems must name some of {', '.join(keys)}")
     model = prepare_checkpoints(BenchConfig(shape=args.shape, seed=0, systems=("a", "c")),
                                 lambda line: print(line, file=sys.stderr))["chat"]
-    images = [jpeg_data_url(2048, 1536, seed=seed) for seed in range(args.conversations)]
-    vllm = run_system("a", model, images, args.turns, args.max_tokens, out)
-    dvd = run_system("c", model, images, args.turns, args.max_tokens, out)
+    images = [jpeg_data_url(*args.image_size, seed=seed) for seed in range(args.conversations)]
+    results = {name: run_system(keys[name], model, images, args.image_size, args.turns, args.max_tokens, out)
+               for name in keys if name in wanted}
     facts = machine_facts()
-    (out / "multi_turn.json").write_text(json.dumps({"machine": facts, "args": vars(args), "vllm": vllm,
-                                                     "dvd": dvd}, indent=2))
-    text = report(vllm, dvd, facts)
-    print(text)
+    (out / "multi_turn.json").write_text(json.dumps({"machine": facts, "args": vars(args), **results}, indent=2))
+    args.image_size = "x".join(map(str, args.image_size))
+    print(report(results, facts, args))
     return 0
 
 
